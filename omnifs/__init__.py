@@ -1,0 +1,5 @@
+"""omnifs: mount any storage backend as an ordinary folder."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
