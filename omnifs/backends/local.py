@@ -179,6 +179,7 @@ class LocalBackend(Backend):
                 with open(fd, "wb", closefd=False) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
                 if old is not None and stat_mod.S_ISREG(old.st_mode):
+                    self._copy_xattrs(full, fd)
                     os.fchmod(fd, stat_mod.S_IMODE(old.st_mode))
                     with contextlib.suppress(PermissionError):
                         os.fchown(fd, old.st_uid, old.st_gid)
@@ -200,6 +201,17 @@ class LocalBackend(Backend):
                 raise
             self._fsync_dir(os.path.dirname(full))
             return _info_from_stat(path, os.lstat(full))
+
+    @staticmethod
+    def _copy_xattrs(src: str, dst_fd: int) -> None:
+        try:
+            names = os.listxattr(src, follow_symlinks=False)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith("user."):
+                with contextlib.suppress(OSError):
+                    os.setxattr(dst_fd, name, os.getxattr(src, name, follow_symlinks=False))
 
     def _delete(self, path: str) -> None:
         full = self._full(path)

@@ -319,6 +319,9 @@ class BackendConformance:
             assert await b.get_xattrs("f") == {"user.bin": bytes(range(256))}
             with pytest.raises(NoSuchAttribute):
                 await b.set_xattr("f", "user.color", None)
+            # An overwrite keeps the object's extended attributes.
+            await self.put(b, "f", b"new content")
+            assert await b.get_xattrs("f") == {"user.bin": bytes(range(256))}
 
         self.run(backend_factory, t)
 
