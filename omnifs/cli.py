@@ -75,7 +75,9 @@ def _staging_dir(resolved: ResolvedRemote) -> Path:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="Config file.")
 @click.option("-o", "options", multiple=True, help="Mount option KEY[=VALUE] (repeatable, comma-separated).")
 @click.pass_context
-def mount(ctx: click.Context, args: tuple[str, ...], foreground: bool, config_file: Path | None, options: tuple[str, ...]) -> None:
+def mount(
+    ctx: click.Context, args: tuple[str, ...], foreground: bool, config_file: Path | None, options: tuple[str, ...]
+) -> None:
     """Mount REMOTE (NAME:[path], local:/abs/path, memory:, s3://bucket/prefix) on MOUNTPOINT.
 
     Without REMOTE the embedded default store (~/.local/share/omnifs/default) is mounted.

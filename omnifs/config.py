@@ -105,7 +105,9 @@ def load_config(path: Path | None = None, *, must_exist: bool = False) -> Config
     headers, key_lines = _locate(text)
     for key in data:
         if key != "remotes":
-            raise ConfigError(f"unknown top-level key {key!r} (expected [remotes.NAME] tables)", file=str(path), key=key)
+            raise ConfigError(
+                f"unknown top-level key {key!r} (expected [remotes.NAME] tables)", file=str(path), key=key
+            )
     remotes_raw = data.get("remotes", {})
     if not isinstance(remotes_raw, dict):
         raise ConfigError("'remotes' must be a table", file=str(path), key="remotes")

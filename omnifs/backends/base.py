@@ -241,3 +241,4 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections and threads; idempotent."""
+        return None

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from omnifs.backends.local import TEMP_PREFIX, LocalBackend
-from omnifs.errors import InvalidPath, NotFound
+from omnifs.errors import InvalidPath, NotFound, OmniError
 from tests.backends.conformance import BackendConformance
 
 
@@ -37,7 +37,7 @@ def test_symlink_escape_refused(tmp_path):
             await b.list("link")
         # The link itself is an object; reading it never follows it.
         assert (await b.stat("link")).kind == "symlink"
-        with pytest.raises(Exception):
+        with pytest.raises(OmniError):
             await b.read("link", 0, 10)
 
     trio.run(main)

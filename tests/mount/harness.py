@@ -64,15 +64,23 @@ class Mount:
         for opt in self.options:
             cmd += ["-o", opt]
         cmd += [self.remote, str(self.path)]
-        self.path.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child
+        try:
+            os.lstat(self.path)
+        except FileNotFoundError:
+            self.path.mkdir(parents=True)
+        except OSError:
+            pass  # a stale mount (ENOTCONN): the mount command cleans it
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=logf, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if mounted_fstype(self.path) == "fuse.omnifs":
-                os.stat(self.path)
-                return self
+                try:
+                    os.stat(self.path)
+                    return self
+                except OSError:
+                    pass  # a stale mount not yet cleaned by the new process
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mount exited with {self.proc.returncode}:\n{self.log_text()}")
             time.sleep(0.05)
