@@ -5,7 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -332,3 +335,43 @@ def test_local_backend_sees_plain_files(remote, mnt: Mount) -> None:
     (mnt.path / "sub").mkdir()
     (mnt.path / "sub" / "f.txt").write_text("on disk")
     assert (remote.backend_root / "sub" / "f.txt").read_text() == "on disk"
+
+
+def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd], capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def world_dir():
+    """A directory other users can traverse (pytest's tmp_path is private to root)."""
+    outer = Path(tempfile.mkdtemp(prefix="omnifs-allow-other-"))
+    os.chmod(outer, 0o755)
+    yield outer
+    shutil.rmtree(outer, ignore_errors=True)
+
+
+def test_other_users_ownership_and_permissions(remote, world_dir: Path, mounter) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    m = mounter(remote, "allow_other", path=world_dir / "mnt")
+    shared = m.path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    res = _as_nobody("sh", "-c", f"umask 022; echo mine > '{shared}/theirs.txt'")
+    assert res.returncode == 0, res.stderr
+    st = (shared / "theirs.txt").stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    (m.path / "root-only.txt").write_text("root")
+    os.chmod(m.path / "root-only.txt", 0o600)
+    res = _as_nobody("cat", str(m.path / "root-only.txt"))
+    assert res.returncode != 0 and "Permission denied" in res.stderr
+    res = _as_nobody("sh", "-c", f"echo x >> '{m.path}/root-only.txt'")
+    assert res.returncode != 0
+    assert (m.path / "root-only.txt").read_text() == "root"
+    res = _as_nobody("chmod", "777", str(m.path / "root-only.txt"))
+    assert res.returncode != 0
+    os.chown(shared / "theirs.txt", 0, 0)
+    assert (shared / "theirs.txt").stat().st_uid == 0
