@@ -102,11 +102,13 @@ def mount(
         _mount_background(ctx, args, config_file, options, mountpoint, resolved)
         return
 
-    from omnifs.mount import serve
+    from omnifs.mount import RemoteUnreachable, serve
 
-    source = backend.describe()
+    source = spec or f"{resolved.name}:"
     try:
         serve(backend, mountpoint, mount_opts, _staging_dir(resolved), source)
+    except RemoteUnreachable as exc:
+        _fail(f"remote {resolved.name!r} ({backend.describe()}): {exc}", EXIT_RUNTIME)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
     except OmniError as exc:

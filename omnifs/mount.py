@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from omnifs.backends.base import Backend
-from omnifs.errors import ConfigError
+from omnifs.errors import ConfigError, OmniError
 from omnifs.fuse_ops import FuseOperations
 from omnifs.staging import StagingArea
 from omnifs.vfs import VFS, VfsOptions
@@ -72,6 +72,7 @@ class MountOptions:
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     writeback_cache: bool = True
+    probe_timeout: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -91,7 +92,7 @@ def parse_mount_options(items: Iterable[str]) -> MountOptions:
             elif key == "default_permissions" and has_value:
                 if not _parse_bool(key, value):
                     flags.discard(key)
-            elif key in ("attr_timeout", "entry_timeout") and has_value:
+            elif key in ("attr_timeout", "entry_timeout", "probe_timeout") and has_value:
                 kw[key] = _parse_float(key, value)
             elif key == "writeback_cache":
                 kw[key] = _parse_bool(key, value) if has_value else True
@@ -180,6 +181,23 @@ def read_mount_record(mountpoint: str) -> dict[str, object] | None:
         return None
 
 
+class RemoteUnreachable(Exception):
+    """The backend failed its start-up probe."""
+
+
+async def probe(backend: Backend, timeout: float) -> None:
+    """Check that the backend answers and its root is a directory; RemoteUnreachable otherwise."""
+    try:
+        with trio.fail_after(timeout):
+            info = await backend.stat("")
+    except trio.TooSlowError:
+        raise RemoteUnreachable(f"no answer within {timeout:g} s") from None
+    except OmniError as exc:
+        raise RemoteUnreachable(str(exc) or type(exc).__name__) from exc
+    if not info.is_dir:
+        raise RemoteUnreachable("the remote root is not a directory")
+
+
 async def _serve(vfs: VFS, backend: Backend) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -225,13 +243,18 @@ def serve(
     fuse_options = {f"fsname={source.replace(',', '_')}", "subtype=omnifs", *options.fuse_flags}
     if os.geteuid() == 0 or "allow_other" in options.fuse_flags:
         fuse_options.add("auto_unmount")
-    pyfuse3.init(ops, mountpoint, fuse_options)
     record = mount_record_path(mountpoint)
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "source": source}))
-        trio.run(_serve, vfs, backend)
-    finally:
-        with contextlib.suppress(OSError):
-            record.unlink()
-        pyfuse3.close(unmount=True)
+
+    async def main() -> None:
+        await probe(backend, options.probe_timeout)
+        pyfuse3.init(ops, mountpoint, fuse_options)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "source": source}))
+            await _serve(vfs, backend)
+        finally:
+            with contextlib.suppress(OSError):
+                record.unlink()
+            pyfuse3.close(unmount=True)
+
+    trio.run(main)

@@ -162,6 +162,16 @@ def _strip_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag else None
 
 
+def _error_code(exc: BaseException) -> str | None:
+    """Return the S3 error code behind a (translated) exception, if there is one."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, Mapping):
+            code = (response.get("Error") or {}).get("Code")
+            return str(code) if code is not None else None
+    return None
+
+
 def _is_symlink_candidate(size: int, etag: str | None) -> bool:
     """True when a listed object may be one of our symlinks (single-part multipart, small)."""
     return size <= SYMLINK_MAX and etag is not None and etag.endswith("-1")
@@ -277,6 +287,16 @@ def _stream_size(src: BinaryIO) -> int | None:
         return None
 
 
+def _symlink_body(target: str) -> bytes:
+    """Return the stored form of a symlink target; InvalidArgument/NameTooLong if unusable."""
+    body = target.encode("utf-8", "surrogateescape")
+    if not body:
+        raise InvalidArgument("empty symlink target")
+    if len(body) > SYMLINK_MAX:
+        raise NameTooLong(f"symlink target longer than {SYMLINK_MAX} bytes")
+    return body
+
+
 def _valid_name(name: str) -> bool:
     """True when a listed key component can be a file name."""
     return name not in ("", ".", "..") and "\x00" not in name and len(name.encode("utf-8", "surrogateescape")) <= 255
@@ -375,6 +395,10 @@ class S3Backend(Backend):
         "region": Option(str, help="region name (default: from the AWS profile/environment)"),
         "addressing_style": Option(str, default="auto", help='"auto", "path" or "virtual"'),
         "profile": Option(str, help="AWS shared-config profile for credentials"),
+        # Secrets: never in the config file; from the keyring or the environment.
+        "access_key_id": Option(str, secret=True, help="access key id (default: boto3's credential chain)"),
+        "secret_access_key": Option(str, secret=True, help="secret access key"),
+        "session_token": Option(str, secret=True, help="session token for temporary credentials"),
     }
     capabilities = Capabilities(
         rename=True, rename_dir_atomic=False, symlinks=True, xattrs=True, posix_attrs=True, statfs=False
@@ -442,7 +466,6 @@ class S3Backend(Backend):
         self._max_attempts = max_attempts
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._closed = False
         self._part_budget: trio.Semaphore | None = None
         self._cache = _AttrCache()
         self._warned: set[str] = set()
@@ -466,8 +489,6 @@ class S3Backend(Backend):
             return client
         with self._client_lock:
             if self._client is None:
-                if self._closed:
-                    raise BackendUnavailable(f"{self.describe()}: backend is closed")
                 import boto3
                 import botocore.exceptions
                 from botocore.config import Config
@@ -569,9 +590,7 @@ class S3Backend(Backend):
         if isinstance(exc, TransientError):
             return True
         if isinstance(exc, BackendUnavailable):
-            cause = exc.__cause__
-            code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
-            return code not in ("NoSuchBucket", "InvalidBucketName")
+            return _error_code(exc) not in ("NoSuchBucket", "InvalidBucketName")
         return False
 
     # --- key mapping --------------------------------------------------------------------
@@ -872,8 +891,7 @@ class S3Backend(Backend):
         except NotFound:
             self._missing(path)
         except OmniError as exc:
-            code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
-            if code == "InvalidRange":  # at or after EOF (or an empty object)
+            if _error_code(exc) == "InvalidRange":  # at or after EOF (or an empty object)
                 return b""
             raise
         body = resp["Body"]
@@ -968,7 +986,12 @@ class S3Backend(Backend):
                     eof = False
                     while not eof or pending:
                         number += 1
-                        want = self._part_size_for(number, total)
+                        try:
+                            want = self._part_size_for(number, total)
+                        except OmniError as exc:
+                            errors.append(exc)
+                            nursery.cancel_scope.cancel()
+                            break
                         await budget.acquire()
                         handed_over = False
                         try:
@@ -999,13 +1022,19 @@ class S3Backend(Backend):
             raise
         return etag, size
 
-    def _prepare_write(self, path: str) -> _Obj | None:
-        """Check the parent exists and ``path`` is no directory; return the old object if any."""
+    async def _probe(self, path: str) -> tuple[_Obj | None, bool]:
+        """Check the parent of ``path`` is a directory; return (object at ``path``, is a directory).
+
+        The three requests run concurrently (one round trip of latency).
+        """
         key = self._key(path)
-        self._check_parent(path)
-        if self._below(key + "/"):
-            raise IsADirectory(path)
-        return self._head(key)
+        checks: list[Callable[[], Any]] = [
+            lambda: self._check_parent(path),
+            lambda: self._head(key),
+            lambda: bool(self._below(key + "/")),
+        ]
+        _, obj, is_dir = await self._parallel(lambda check: check(), checks, len(checks))
+        return obj, is_dir
 
     async def write(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
         """Replace ``path`` with the stream ``src``; readers see the old or the new object.
@@ -1018,7 +1047,9 @@ class S3Backend(Backend):
         if not path:
             raise IsADirectory("cannot write the root")
         key = self._key(path)
-        old = await self.run_sync(self._prepare_write, path)
+        old, is_dir = await self._probe(path)
+        if is_dir and old is None:
+            raise IsADirectory(path)
         if old is not None and not old.is_symlink:
             meta = dict(old.metadata)
             content_type = old.content_type or DEFAULT_CONTENT_TYPE
@@ -1063,13 +1094,7 @@ class S3Backend(Backend):
         self._keep_parent(path)
 
     def _mkdir(self, path: str, attrs: SetAttrs | None) -> ObjectInfo:
-        path = check_path(path)
-        if not path:
-            raise AlreadyExists("the root always exists")
         key = self._key(path)
-        self._check_parent(path)
-        if self._below(key + "/") or self._head(key) is not None:
-            raise AlreadyExists(path)
         meta = _apply_attrs({M_MTIME: str(time.time_ns())}, attrs)
         etag = self._put_marker(key + "/", meta)
         return replace(
@@ -1150,7 +1175,7 @@ class S3Backend(Backend):
             return self._complete_mpu(dst_key, upload_id, parts)
         except OmniError as exc:
             self._abort(dst_key, upload_id)
-            if getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+            if _error_code(exc) == "PreconditionFailed":
                 raise _Conflict() from exc
             raise
         except BaseException:
@@ -1162,7 +1187,7 @@ class S3Backend(Backend):
         key = obj.key
         what = self._what(key)
         _check_metadata_size(meta, what)
-        if key.endswith("/") or (not key and not self._root):
+        if key.endswith("/"):  # a directory marker: nothing to preserve but metadata
             self._put_marker(key, meta)
         elif obj.is_symlink:
             fresh, body = self._get(key)
@@ -1185,7 +1210,7 @@ class S3Backend(Backend):
                     **obj.extra,
                 )
             except OmniError as exc:
-                if getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                if _error_code(exc) == "PreconditionFailed":
                     raise _Conflict() from exc
                 raise
         self._cache.drop(key)
@@ -1264,15 +1289,8 @@ class S3Backend(Backend):
         path = check_path(path)
         if not path:
             raise AlreadyExists("the root always exists")
-        body = target.encode("utf-8", "surrogateescape")
-        if not body:
-            raise InvalidArgument("empty symlink target")
-        if len(body) > SYMLINK_MAX:
-            raise NameTooLong(f"symlink target longer than {SYMLINK_MAX} bytes")
+        body = _symlink_body(target)
         key = self._key(path)
-        self._check_parent(path)
-        if self._head(key) is not None or self._below(key + "/"):
-            raise AlreadyExists(path)
         meta = _apply_attrs({M_MTIME: str(time.time_ns())}, SetAttrs(uid=attrs.uid, gid=attrs.gid) if attrs else None)
         if attrs is not None and attrs.mtime_ns is not None:
             meta[M_MTIME] = str(attrs.mtime_ns)
@@ -1319,11 +1337,6 @@ class S3Backend(Backend):
         return [results[i] for i in sorted(results)]
 
     # --- rename ----------------------------------------------------------------------------------------
-    def _rename_checks(self, dst: str) -> tuple[_Obj | None, list[str]]:
-        """Check the parent of ``dst``; return the object at ``dst`` and up to 2 keys below it."""
-        self._check_parent(dst)
-        return self._head(self._key(dst)), self._below(self._dir_prefix(dst), 2)
-
     async def rename(self, src: str, dst: str) -> None:
         """Move ``src`` to ``dst`` by copy-then-delete.
 
@@ -1339,7 +1352,13 @@ class S3Backend(Backend):
         info = await self.stat(src)
         if src == dst:
             return
-        dst_obj, dst_keys = await self.run_sync(self._rename_checks, dst)
+        dst_key, dst_prefix = self._key(dst), self._dir_prefix(dst)
+        checks: list[Callable[[], Any]] = [
+            lambda: self._check_parent(dst),
+            lambda: self._head(dst_key),
+            lambda: self._below(dst_prefix, 2),
+        ]
+        _, dst_obj, dst_keys = await self._parallel(lambda check: check(), checks, len(checks))
         if info.kind == "dir":
             await self._rename_dir(src, dst, dst_obj, dst_keys)
             return
@@ -1419,12 +1438,25 @@ class S3Backend(Backend):
         await self.run_sync(self._delete, path)
 
     async def mkdir(self, path: str, attrs: SetAttrs | None = None) -> ObjectInfo:
+        path = check_path(path)
+        if not path:
+            raise AlreadyExists("the root always exists")
+        obj, is_dir = await self._probe(path)
+        if obj is not None or is_dir:
+            raise AlreadyExists(path)
         return await self.run_sync(self._mkdir, path, attrs)
 
     async def rmdir(self, path: str) -> None:
         await self.run_sync(self._rmdir, path)
 
     async def symlink(self, path: str, target: str, attrs: SetAttrs | None = None) -> ObjectInfo:
+        path = check_path(path)
+        if not path:
+            raise AlreadyExists("the root always exists")
+        _symlink_body(target)
+        obj, is_dir = await self._probe(path)
+        if obj is not None or is_dir:
+            raise AlreadyExists(path)
         return await self.run_sync(self._symlink, path, target, attrs)
 
     async def set_attrs(self, path: str, attrs: SetAttrs) -> ObjectInfo:
@@ -1442,9 +1474,8 @@ class S3Backend(Backend):
         return None
 
     async def aclose(self) -> None:
-        """Close the client's connections; idempotent (a later call fails with BackendUnavailable)."""
+        """Close the client's connections; idempotent (a later call opens a new client)."""
         with self._client_lock:
             client, self._client = self._client, None
-            self._closed = True
         if client is not None:
             client.close()
