@@ -39,6 +39,8 @@ def _setup_logging(verbose: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # paramiko logs dropped connections as tracebacks; omnifs reports them itself.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
 
 
 def _fail(message: str, code: int) -> None:

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.fixtures_sftp"]
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_sftp"]

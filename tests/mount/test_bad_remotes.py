@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_s3 import CREDENTIALS_ENV, MotoServer, free_port
+from tests.fixtures_sftp import generate_key
 from tests.mount.conftest import write_config
 from tests.mount.harness import REPO, isolated_env, mounted_fstype
 
@@ -94,3 +95,28 @@ def test_s3_wrong_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert "AKIAWRONG" not in line or "testing" not in line  # never the secret
     finally:
         server.close()
+
+
+def test_sftp_unknown_host_key(tmp_path: Path, sftp_remote: Any) -> None:
+    empty_known_hosts = tmp_path / "known_hosts"
+    empty_known_hosts.write_text("")
+    config = dict(sftp_remote.config, known_hosts=str(empty_known_hosts))
+    line = mount_fails(tmp_path, {"unknownkey": config}, "unknownkey", {})
+    assert "host key" in line.lower() and str(sftp_remote.config["port"]) in line
+    assert list(sftp_remote.local_root.iterdir()) == []
+    assert empty_known_hosts.read_text() == ""  # strict policy never learns a key
+
+
+def test_sftp_wrong_client_key(tmp_path: Path, sftp_remote: Any) -> None:
+    other = generate_key(tmp_path / "other_key")
+    config = dict(sftp_remote.config, key_file=str(other))
+    line = mount_fails(tmp_path, {"wrongkey": config}, "wrongkey", {})
+    assert "auth" in line.lower() or "denied" in line.lower()
+    assert list(sftp_remote.local_root.iterdir()) == []
+
+
+def test_sftp_unreachable(tmp_path: Path, sftp_remote: Any) -> None:
+    port = free_port()
+    config = dict(sftp_remote.config, port=port)
+    line = mount_fails(tmp_path, {"noserver": config}, "noserver", {})
+    assert f"127.0.0.1:{port}" in line
