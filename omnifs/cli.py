@@ -1,22 +1,32 @@
 """The ``omnifs`` command line: the only place that turns exceptions into exit codes.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (config, options, mountpoint).
+Every message and log line passes through ``credentials.redact``, so a secret
+never reaches the terminal, a log file or the journal.  Shell completion is
+click's: ``eval "$(_OMNIFS_COMPLETE=bash_source omnifs)"`` (or zsh_source,
+fish_source).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn
 
 import click
 
 from omnifs import __version__
 from omnifs.config import (
+    RemoteConfig,
     ResolvedRemote,
     build_backend,
     cache_home,
@@ -24,6 +34,7 @@ from omnifs.config import (
     resolve_remote,
     state_home,
 )
+from omnifs.credentials import MASK, CredentialError, redact
 from omnifs.errors import ConfigError, OmniError
 
 log = logging.getLogger("omnifs")
@@ -31,31 +42,82 @@ log = logging.getLogger("omnifs")
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
+# Loggers that print request details at DEBUG; only -vvv shows them.
+_CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def _stderr_is_journal() -> bool:
+    """True when stderr is connected to the systemd journal ($JOURNAL_STREAM names its device:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return bool(dev and ino) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class LogFormatter(logging.Formatter):
+    """Redact secrets; under the journal, drop timestamps and prefix each line with ``<priority>``."""
+
+    def __init__(self, journal: bool) -> None:
+        fmt = "%(name)s: %(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact(super().format(record))
+        if not self.journal:
+            return text
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(_stderr_is_journal()))
+    logging.basicConfig(level=level, handlers=[handler])
     # paramiko logs dropped connections as tracebacks; omnifs reports them itself.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 3 else max(level, logging.INFO))
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"omnifs: error: {message}", err=True)
+def _excepthook(tp: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """Print an uncaught exception like Python does, with secrets redacted."""
+    sys.stderr.write(redact("".join(traceback.format_exception(tp, value, tb))))
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"omnifs: error: {redact(message)}", err=True)
     sys.exit(code)
+
+
+def _complete_remotes(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of remote names from the config file."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        config = load_config(ctx.params.get("config_file"))
+    except Exception:
+        return []
+    return [CompletionItem(n) for n in sorted(config.remotes) if n.startswith(incomplete)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="omnifs")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug, -vvv SDK requests too).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
-    """Mount any storage backend as an ordinary folder."""
+    """Mount any storage backend as an ordinary folder.
+
+    Shell completion (bash): eval "$(_OMNIFS_COMPLETE=bash_source omnifs)"
+    """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    sys.excepthook = _excepthook
     _setup_logging(verbose)
 
 
@@ -68,7 +130,8 @@ def _split_mount_args(args: tuple[str, ...]) -> tuple[str | None, str]:
 
 
 def _staging_dir(resolved: ResolvedRemote) -> Path:
-    return cache_home() / resolved.name / "staging"
+    """Pending (not yet uploaded) data: state, not cache, so clearing caches never loses it."""
+    return state_home() / resolved.name / "staging"
 
 
 @main.command()
@@ -95,6 +158,8 @@ def mount(
         if resolved.remote.type == "local" and spec is None:
             Path(resolved.remote.options["path"]).mkdir(parents=True, exist_ok=True, mode=0o700)
         backend = build_backend(resolved)
+    except CredentialError as exc:
+        _fail(str(exc), exc.exit_code)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
     except OmniError as exc:
@@ -108,7 +173,7 @@ def mount(
 
     source = spec or f"{resolved.name}:"
     try:
-        serve(backend, mountpoint, mount_opts, _staging_dir(resolved), source)
+        serve(backend, mountpoint, mount_opts, _staging_dir(resolved), source, cache_dir=cache_home() / resolved.name)
     except RemoteUnreachable as exc:
         _fail(f"remote {resolved.name!r} ({backend.describe()}): {exc}", EXIT_RUNTIME)
     except ConfigError as exc:
@@ -218,6 +283,804 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+# --- config ------------------------------------------------------------------------------
+
+_config_file_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file (default: $OMNIFS_CONFIG or $XDG_CONFIG_HOME/omnifs/config.toml).",
+)
+
+
+def _config_path(config_file: Path | None) -> Path:
+    from omnifs.config import default_config_path
+
+    return config_file or default_config_path()
+
+
+def _echo_json(data: object) -> None:
+    click.echo(redact(json.dumps(data, indent=2, sort_keys=False, default=str)))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Add, list, show, check and remove remotes (secrets go to the OS keyring)."""
+
+
+class _AddCommand(click.Command):
+    """``config add``: lists every backend type's options after the usual help."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from omnifs.backends import backend_class, backend_types
+
+        for rtype in backend_types():
+            try:
+                declared = backend_class(rtype).options
+            except ImportError:
+                continue
+            rows = []
+            for key, opt in declared.items():
+                if opt.secret:
+                    flag = f"--secret-from-stdin {key}"
+                else:
+                    flag = f"--{key.replace('_', '-')} {opt.type.__name__.upper()}"
+                extra = " (required)" if opt.required else ""
+                if opt.default is not None:
+                    extra = f" (default {opt.default!r})"
+                rows.append((flag, (opt.help or "") + extra))
+            with formatter.section(f"Options of type {rtype}"):
+                formatter.write_dl(rows or [("(none)", "")])
+
+
+def _parse_option_args(tokens: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Split ``--key value`` / ``--key=value`` / bare ``--flag`` tokens (dashes become underscores)."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r} (options are --KEY VALUE)", key=tok)
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            out.append((key, value))
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append((key, tokens[i + 1]))
+            i += 2
+        else:
+            out.append((key, None))
+            i += 1
+    return out
+
+
+def _read_secrets(fields: Sequence[str], interactive: bool) -> dict[str, str]:
+    """Read one secret per field: hidden prompts on a TTY, else one line of standard input each."""
+    if interactive:
+        values = {f: click.prompt(f"{f} (hidden)", hide_input=True, confirmation_prompt=False) for f in fields}
+    else:
+        lines = sys.stdin.read().splitlines()
+        if len(lines) < len(fields):
+            raise ConfigError(
+                f"expected {len(fields)} line(s) on standard input (one per --secret-from-stdin), got {len(lines)}",
+                key="--secret-from-stdin",
+            )
+        values = dict(zip(fields, lines, strict=False))
+    for f, v in values.items():
+        if not v:
+            raise ConfigError(f"empty value for secret {f!r}", key=f)
+    return values
+
+
+@config_group.command(
+    "add", cls=_AddCommand, context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True}
+)
+@click.argument("name", shell_complete=_complete_remotes)
+@click.option("--type", "rtype", help="Backend type (required for a new remote).")
+@click.option(
+    "--secret-from-stdin",
+    "secret_fields",
+    multiple=True,
+    metavar="FIELD",
+    help="Store secret FIELD in the keyring, read as one line of stdin (repeatable, in order; hidden prompt on a TTY).",
+)
+@click.option("--unset", "unset", multiple=True, metavar="KEY", help="Remove option or secret KEY (repeatable).")
+@_config_file_option
+@click.argument("option_args", nargs=-1, type=click.UNPROCESSED)
+def config_add(
+    name: str,
+    rtype: str | None,
+    secret_fields: tuple[str, ...],
+    unset: tuple[str, ...],
+    config_file: Path | None,
+    option_args: tuple[str, ...],
+) -> None:
+    """Add remote NAME, or update it: omnifs config add NAME --type TYPE --OPTION VALUE ...
+
+    Options are the backend's (listed below); secrets are never accepted as
+    arguments: --secret-from-stdin FIELD stores them in the OS keyring
+    (service "omnifs", user "NAME.FIELD").  On a terminal, missing values are
+    prompted for; "omnifs config add NAME" alone asks for everything.
+    Running it again for an existing remote changes only what is given, e.g.
+    to rotate a secret.
+    """
+    try:
+        _config_add(name, rtype, secret_fields, unset, config_file, option_args)
+    except CredentialError as exc:
+        _fail(str(exc), exc.exit_code)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _config_add(
+    name: str,
+    rtype: str | None,
+    secret_fields: tuple[str, ...],
+    unset: tuple[str, ...],
+    config_file: Path | None,
+    option_args: tuple[str, ...],
+) -> None:
+    from omnifs import credentials
+    from omnifs.backends import backend_class, backend_types
+    from omnifs.config import NAME_RE, coerce_option, save_remote, validate_remote
+
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid remote name {name!r} (letters, digits, '_', '.', '-')", key="NAME")
+    path = _config_path(config_file)
+    config = load_config(path)
+    existing = config.remotes.get(name)
+    interactive = sys.stdin.isatty()
+    if existing is not None and rtype is not None and rtype != existing.type:
+        raise ConfigError(
+            f"remote {name!r} exists with type {existing.type!r}; remove it first to change its type",
+            file=str(path),
+            line=existing.line,
+            key="type",
+        )
+    if rtype is None:
+        if existing is not None:
+            rtype = existing.type
+        elif interactive:
+            rtype = click.prompt("type", type=click.Choice(backend_types()))
+        else:
+            raise ConfigError(f"--type is required for a new remote (one of {', '.join(backend_types())})", key="type")
+    if rtype not in backend_types():
+        raise ConfigError(f"unknown type {rtype!r} (known: {', '.join(backend_types())})", key="type")
+    declared = backend_class(rtype).options
+    secrets = credentials.secret_fields(declared)
+    options: dict[str, Any] = dict(existing.options) if existing else {}
+    stored: list[str] = list(existing.secrets) if existing else []
+    given = _parse_option_args(option_args)
+    for key, raw in given:
+        if key in secrets:
+            raise ConfigError(
+                f"secret {key!r} is not accepted as an argument (it would show in ps and shell history); "
+                f"use --secret-from-stdin {key}",
+                key=key,
+            )
+        options[key] = coerce_option(name, rtype, key, "true" if raw is None else raw)
+    forget: list[str] = []
+    for key in unset:
+        if key in secrets:
+            forget.append(key)
+            stored = [f for f in stored if f != key]
+        elif key in options:
+            del options[key]
+        elif key not in declared:
+            raise ConfigError(f"remote {name!r}: unknown option {key!r} for type {rtype!r}", key=key)
+    for field in secret_fields:
+        if field not in secrets:
+            raise ConfigError(
+                f"{field!r} is not a secret of type {rtype!r} (secrets: {', '.join(secrets) or 'none'})",
+                key="--secret-from-stdin",
+            )
+    wizard = interactive and existing is None and not given and not secret_fields
+    if interactive:
+        for key, opt in declared.items():
+            if opt.secret or key in options or not (opt.required or wizard):
+                continue
+            label = f"{key} ({opt.help})" if opt.help else key
+            if opt.required and opt.default is None:
+                options[key] = coerce_option(name, rtype, key, click.prompt(label))  # asks until non-empty
+                continue
+            default = "" if opt.default is None else str(opt.default)
+            raw = click.prompt(label, default=default, show_default=bool(default))
+            if raw != default:
+                options[key] = coerce_option(name, rtype, key, raw)
+    validate_remote(name, rtype, options, str(path))
+    if secret_fields:
+        values = _read_secrets(list(dict.fromkeys(secret_fields)), interactive)
+    elif wizard:
+        values = {}
+        for field in secrets:
+            v = click.prompt(f"{field} (hidden, Enter to skip)", hide_input=True, default="", show_default=False)
+            if v:
+                values[field] = v
+    else:
+        values = {}
+    for field, value in values.items():
+        credentials.keyring_set(name, field, value)
+        if field not in stored:
+            stored.append(field)
+    save_remote(path, name, rtype, options, [f for f in secrets if f in stored])
+    for field in forget:
+        credentials.keyring_delete(name, field)
+    verb = "updated" if existing else "added"
+    msg = f"{verb} remote {name!r} ({rtype}) in {path}"
+    if values:
+        msg += f"; stored in the keyring: {', '.join(values)}"
+    click.echo(msg)
+    click.echo(f"check it with: omnifs config check {name}")
+
+
+def _where(rtype: str, options: Mapping[str, Any]) -> str:
+    """A one-line description of a remote from its options (no backend is built, no secret read)."""
+    if rtype == "s3":
+        prefix = options.get("prefix") or ""
+        where = f"s3://{options.get('bucket', '?')}" + (f"/{prefix}" if prefix else "")
+        return where + (f" at {options['endpoint_url']}" if options.get("endpoint_url") else "")
+    if rtype == "sftp":
+        user = f"{options['user']}@" if options.get("user") else ""
+        port = options.get("port", 22)
+        return f"sftp://{user}{options.get('host', '?')}:{port}/{options.get('path', '')}".rstrip("/")
+    if rtype == "local":
+        return str(options.get("path", ""))
+    return rtype + ":"
+
+
+@config_group.command("list")
+@_config_file_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_list(config_file: Path | None, as_json: bool) -> None:
+    """List the configured remotes (secrets are named, never shown)."""
+    try:
+        config = load_config(config_file, must_exist=config_file is not None)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    rows = [
+        {"name": rc.name, "type": rc.type, "where": _where(rc.type, rc.options), "secrets": list(rc.secrets)}
+        for rc in sorted(config.remotes.values(), key=lambda r: r.name)
+    ]
+    if as_json:
+        _echo_json({"config": str(config.path), "remotes": rows})
+        return
+    if not rows:
+        click.echo(f"no remotes in {config.path}; add one with: omnifs config add NAME --type TYPE ...")
+        return
+    from rich.table import Table
+
+    table = Table(title=str(config.path), title_justify="left")
+    for col in ("name", "type", "where", "secrets in keyring"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["type"], r["where"], ", ".join(r["secrets"]) or "-")
+    _console().print(table)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _get_remote(config_file: Path | None, name: str) -> RemoteConfig:
+    config = load_config(config_file, must_exist=config_file is not None)
+    rc = config.remotes.get(name)
+    if rc is None:
+        known = ", ".join(sorted(config.remotes)) or "none configured"
+        raise ConfigError(f"unknown remote {name!r} (known: {known})", file=str(config.path), key="NAME")
+    return rc
+
+
+def _secret_state(name: str, field: str, stored: Sequence[str]) -> dict[str, Any]:
+    """Describe one secret without revealing it: where it comes from and whether it is there."""
+    from omnifs import credentials
+
+    source = credentials.source_of(name, field, stored)
+    state: dict[str, Any] = {"source": source, "set": source == "env"}
+    if source == "env":
+        state["env"] = credentials.env_var(name, field)
+    elif source == "keyring":
+        try:
+            state["set"] = credentials.keyring_get(name, field) is not None
+        except CredentialError as exc:
+            state["set"] = None
+            state["error"] = str(exc)
+    if state["set"]:
+        state["value"] = credentials.MASK
+    return state
+
+
+@config_group.command("show")
+@click.argument("name", shell_complete=_complete_remotes)
+@_config_file_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_show(name: str, config_file: Path | None, as_json: bool) -> None:
+    """Show remote NAME with defaults filled in; secrets are masked."""
+    from omnifs.backends import backend_class
+
+    try:
+        rc = _get_remote(config_file, name)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    declared = backend_class(rc.type).options
+    options: dict[str, Any] = {}
+    defaults: list[str] = []
+    for key, opt in declared.items():
+        if opt.secret:
+            continue
+        if key in rc.options:
+            options[key] = rc.options[key]
+        elif opt.default is not None:
+            options[key] = opt.default
+            defaults.append(key)
+    secrets = {f: _secret_state(name, f, rc.secrets) for f, o in declared.items() if o.secret}
+    if as_json:
+        _echo_json(
+            {
+                "name": name,
+                "type": rc.type,
+                "file": rc.file,
+                "line": rc.line,
+                "options": options,
+                "defaults": defaults,
+                "secrets": secrets,
+            }
+        )
+        return
+    where = f"{rc.file}:{rc.line}" if rc.line else str(rc.file)
+    click.echo(f"remote {name} ({rc.type}) in {where}")
+    width = max((len(k) for k in declared), default=0)
+    for key, value in options.items():
+        click.echo(f"  {key:<{width}} = {json.dumps(value)}" + ("  (default)" if key in defaults else ""))
+    for field, st in secrets.items():
+        if st["source"] == "env":
+            text = f"{MASK}  (from ${st['env']})"
+        elif st["source"] == "keyring":
+            if st["set"]:
+                text = f"{MASK}  (keyring)"
+            elif st["set"] is None:
+                text = f"(keyring unusable: {st['error']})"
+            else:
+                text = "(missing from the keyring)"
+        else:
+            text = "(not set)"
+        click.echo(redact(f"  {field:<{width}} = {text}"))
+
+
+@config_group.command("remove")
+@click.argument("name", shell_complete=_complete_remotes)
+@_config_file_option
+@click.option("--force", is_flag=True, help="Remove the config entry even if the keyring cannot be reached.")
+def config_remove(name: str, config_file: Path | None, force: bool) -> None:
+    """Remove remote NAME from the config file and its secrets from the keyring."""
+    from omnifs import credentials
+    from omnifs.backends import backend_class
+    from omnifs.config import delete_remote
+
+    try:
+        rc = _get_remote(config_file, name)
+        deleted: list[str] = []
+        for field in credentials.secret_fields(backend_class(rc.type).options):
+            try:
+                if credentials.keyring_delete(name, field):
+                    deleted.append(field)
+            except CredentialError as exc:
+                if rc.secrets and not force:
+                    raise
+                if rc.secrets:
+                    click.echo(f"omnifs: warning: {redact(str(exc))}", err=True)
+                break
+        delete_remote(Path(rc.file) if rc.file else _config_path(config_file), name)
+    except CredentialError as exc:
+        _fail(f"{exc} (or use --force to remove the config entry anyway)", exc.exit_code)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    msg = f"removed remote {name!r} from {rc.file}"
+    if deleted:
+        msg += f"; deleted from the keyring: {', '.join(deleted)}"
+    click.echo(msg)
+    from omnifs.service import env_file
+
+    if env_file(name).exists():
+        click.echo(f"note: a systemd service is still installed; remove it with: omnifs service uninstall {name}")
+
+
+@config_group.command("check")
+@click.argument("name", shell_complete=_complete_remotes)
+@_config_file_option
+@click.option("--write", "write_test", is_flag=True, help="Also write, read back and delete a small test file.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds each step may take.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_check(name: str, config_file: Path | None, write_test: bool, timeout: float, as_json: bool) -> None:
+    """Connect to remote NAME and report what works (exit 0 only if everything does)."""
+    from omnifs import credentials
+    from omnifs.backends import backend_class
+
+    steps: list[dict[str, Any]] = []
+
+    def report(step: str, ok: bool, detail: str) -> None:
+        steps.append({"step": step, "ok": ok, "detail": redact(detail)})
+        if not as_json:
+            click.echo(f"{'ok' if ok else 'FAILED':<7}{step:<9}{redact(detail)}")
+
+    def finish(code: int) -> NoReturn:
+        if as_json:
+            _echo_json({"remote": name, "ok": code == 0, "steps": steps})
+        sys.exit(code)
+
+    try:
+        rc = _get_remote(config_file, name)
+    except ConfigError as exc:
+        report("config", False, str(exc))
+        finish(EXIT_USAGE)
+    report("config", True, f"{rc.file}:{rc.line} (type {rc.type})")
+    declared = backend_class(rc.type).options
+    try:
+        secrets = credentials.resolve(name, declared, rc.secrets)
+    except CredentialError as exc:
+        report("secrets", False, str(exc))
+        finish(exc.exit_code)
+    sources = [f"{f} ({credentials.source_of(name, f, rc.secrets)})" for f in secrets]
+    report("secrets", True, ", ".join(sources) if sources else "none configured")
+    try:
+        backend = build_backend(ResolvedRemote(name, rc), secrets)
+    except ConfigError as exc:
+        report("backend", False, str(exc))
+        finish(EXIT_USAGE)
+    except OmniError as exc:
+        report("backend", False, str(exc))
+        finish(EXIT_RUNTIME)
+    import trio
+
+    failed = trio.run(_check_backend, backend, timeout, write_test, report)
+    finish(EXIT_RUNTIME if failed else 0)
+
+
+async def _check_backend(backend: Any, timeout: float, write_test: bool, report: Any) -> bool:
+    """Run the connect/list/(write) steps; return True when one failed."""
+    import io
+    import uuid
+
+    import trio
+
+    step = "connect"
+    try:
+        t0 = time.monotonic()
+        with trio.fail_after(timeout):
+            info = await backend.stat("")
+        if not info.is_dir:
+            report(step, False, f"{backend.describe()}: the root is not a directory")
+            return True
+        report(step, True, f"{backend.describe()} answered in {time.monotonic() - t0:.2f} s")
+        step = "list"
+        with trio.fail_after(timeout):
+            entries = await backend.list("")
+        report(step, True, f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in the root")
+        if write_test:
+            step = "write"
+            probe = f".omnifs-check-{uuid.uuid4().hex[:12]}"
+            data = os.urandom(1024)
+            with trio.fail_after(timeout):
+                await backend.write(probe, io.BytesIO(data))
+                back = await backend.read(probe, 0, len(data))
+                await backend.delete(probe)
+            if back != data:
+                report(step, False, "data read back differs from what was written")
+                return True
+            report(step, True, "wrote, read back and deleted a 1 KiB test file")
+        return False
+    except trio.TooSlowError:
+        report(step, False, f"no answer within {timeout:g} s")
+        return True
+    except OmniError as exc:
+        report(step, False, str(exc) or type(exc).__name__)
+        return True
+    except ConfigError as exc:
+        report(step, False, str(exc))
+        return True
+    finally:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            await backend.aclose()
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def active_mounts(records_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Read the mount records, keeping those whose process lives and whose mountpoint is mounted."""
+    from omnifs.mount import is_omnifs_mount, runtime_dir
+
+    directory = records_dir or runtime_dir()
+    out = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        pid, mountpoint = record.get("pid"), record.get("mountpoint")
+        if not isinstance(pid, int) or not isinstance(mountpoint, str):
+            continue
+        if not _alive(pid) or not is_omnifs_mount(mountpoint):
+            continue
+        out.append(record)
+    return sorted(out, key=lambda r: str(r["mountpoint"]))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _summary(value: object) -> str:
+    """Compact text for a status field of any shape (dicts become ``key value`` pairs)."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        parts = []
+        for k, v in value.items():
+            if isinstance(v, dict | list):
+                continue
+            if isinstance(v, int | float) and not isinstance(v, bool) and "bytes" in str(k):
+                v = _human_bytes(v)
+            parts.append(f"{str(k).replace('_', ' ')} {v}")
+        return ", ".join(parts) or "-"
+    if isinstance(value, list):
+        return ", ".join(_summary(v) for v in value) or "-"
+    return str(value)
+
+
+def _backend_summary(backends: object) -> str:
+    if not isinstance(backends, list):
+        return _summary(backends)
+    lines = []
+    for b in backends:
+        if not isinstance(b, dict):
+            lines.append(str(b))
+            continue
+        label = f"{b.get('name', '?')} ({b.get('type', '?')})"
+        online = b.get("online")
+        state = "online" if online is True else "OFFLINE" if online is False else "?"
+        err = b.get("last_error")
+        lines.append(f"{label} {state}" + (f": {err}" if err and online is not True else ""))
+    return "\n".join(lines) or "-"
+
+
+def render_status(mounts: Sequence[Mapping[str, Any]]) -> Any:
+    """A rich table of active mounts (tolerates records with missing or unknown keys)."""
+    from rich.table import Table
+
+    table = Table(title="omnifs mounts", title_justify="left")
+    for col in ("mountpoint", "source", "pid", "backends", "cache", "journal"):
+        table.add_column(col, overflow="fold")
+    for m in mounts:
+        table.add_row(
+            str(m.get("mountpoint", "?")),
+            str(m.get("source", "-")),
+            str(m.get("pid", "-")),
+            _backend_summary(m.get("backends")),
+            _summary(m.get("cache")),
+            _summary(m.get("journal")),
+        )
+    return table
+
+
+@main.command()
+@click.argument("mountpoint", required=False, type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", is_flag=True, help="No output; only the exit code.")
+def status(mountpoint: str | None, as_json: bool, quiet: bool) -> None:
+    """Show active mounts: backends' health, cache usage, upload queue.
+
+    With MOUNTPOINT, only that mount; exit code 1 if it is not an active omnifs mount.
+    """
+    mounts = active_mounts()
+    if mountpoint is not None:
+        real = os.path.realpath(mountpoint)
+        mounts = [m for m in mounts if m.get("mountpoint") == real]
+    if as_json:
+        _echo_json({"mounts": mounts})
+    elif not quiet:
+        if mounts:
+            console = _console()
+            with console.capture() as cap:
+                console.print(render_status(mounts))
+            click.echo(redact(cap.get()), nl=False)
+        else:
+            click.echo("no active omnifs mounts" if mountpoint is None else f"{mountpoint} is not an omnifs mount")
+    if mountpoint is not None and not mounts:
+        sys.exit(EXIT_RUNTIME)
+
+
+# --- cache -------------------------------------------------------------------------------
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect, clear and pin the persistent disk cache."""
+
+
+def _cache_dirs(target: str | None, config_file: Path | None) -> list[Path]:
+    """Cache directories for a mountpoint, a remote spec/name, or (None) every remote."""
+    root = cache_home()
+    if target is None:
+        return sorted(p for p in root.iterdir() if (p / "data").is_dir()) if root.is_dir() else []
+    real = os.path.realpath(target)
+    for m in active_mounts():
+        if m.get("mountpoint") == real and isinstance(m.get("remote"), str):
+            return [root / str(m["remote"])]
+    spec = target if ":" in target else f"{target}:"
+    try:
+        resolved = resolve_remote(spec, load_config(config_file))
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return [root / resolved.name]
+
+
+@cache_group.command("stats")
+@click.argument("target", required=False)
+@_config_file_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_stats(target: str | None, config_file: Path | None, as_json: bool) -> None:
+    """Show cache usage for MOUNTPOINT or REMOTE (default: every cached remote)."""
+    from omnifs.cache import cache_report
+
+    reports = [cache_report(d) for d in _cache_dirs(target, config_file) if (d / "data").is_dir()]
+    if as_json:
+        _echo_json({"caches": reports})
+        return
+    if not reports:
+        click.echo("no cache" + (f" for {target}" if target else ""))
+        return
+    from rich.table import Table
+
+    table = Table("remote", "used", "cap", "pinned", "pinned paths", "metadata")
+    for r in reports:
+        table.add_row(
+            str(r["remote"]),
+            _human_bytes(float(r["used_bytes"])),  # type: ignore[arg-type]
+            _human_bytes(float(r["max_bytes"])),  # type: ignore[arg-type]
+            _human_bytes(float(r["pinned_bytes"])),  # type: ignore[arg-type]
+            ", ".join(r["pinned_paths"]) or "-",  # type: ignore[arg-type]
+            str(r["metadata_entries"]),
+        )
+    _console().print(table)
+
+
+@cache_group.command("clear")
+@click.argument("target", required=False)
+@_config_file_option
+@click.option("--all", "include_pinned", is_flag=True, help="Also drop pinned data and pins.")
+def cache_clear(target: str | None, config_file: Path | None, include_pinned: bool) -> None:
+    """Drop cached data and metadata of MOUNTPOINT or REMOTE (default: every remote).
+
+    Pending uploads are not in the cache and are never touched.
+    """
+    from omnifs.cache import clear_cache
+
+    for d in _cache_dirs(target, config_file):
+        if (d / "data").is_dir():
+            clear_cache(d, include_pinned=include_pinned)
+            click.echo(f"cleared {d.name}")
+
+
+def _walk_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return [Path(dp) / f for dp, _, files in os.walk(path) for f in files if not os.path.islink(Path(dp) / f)]
+
+
+@cache_group.command("pin")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def cache_pin(path: Path, quiet: bool) -> None:
+    """Fetch PATH (a file or folder inside a mount) into the cache and keep it offline."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    files = _walk_files(path)
+    total = sum(f.lstat().st_size for f in files)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"pinning {path}", total=total)
+        try:
+            for f in files:
+                os.setxattr(f, "user.omnifs.pin", b"prefetch")
+                progress.advance(task, f.lstat().st_size)
+            os.setxattr(path, "user.omnifs.pin", b"1")
+        except OSError as exc:
+            _fail(f"cannot pin {path}: {exc.strerror} (is it inside an omnifs mount with a cache?)", EXIT_RUNTIME)
+    if not quiet:
+        click.echo(f"pinned {path}: {len(files)} file(s), {_human_bytes(total)}")
+
+
+@cache_group.command("unpin")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def cache_unpin(path: Path) -> None:
+    """Let PATH (a file or folder inside a mount) be evicted again."""
+    try:
+        os.setxattr(path, "user.omnifs.pin", b"0")
+    except OSError as exc:
+        _fail(f"cannot unpin {path}: {exc.strerror}", EXIT_RUNTIME)
+    click.echo(f"unpinned {path}")
+
+
+# --- service -----------------------------------------------------------------------------
+
+
+@main.group("service")
+def service_group() -> None:
+    """Install the systemd user service that mounts a remote at login."""
+
+
+@service_group.command("install")
+@click.argument("name", shell_complete=_complete_remotes)
+@click.argument("mountpoint", required=False, type=click.Path(path_type=str))
+@click.option("--enable", is_flag=True, help="Enable and start it now (systemctl --user enable --now).")
+@click.option("-o", "options", multiple=True, help="Mount option for the service (as for omnifs mount -o).")
+@_config_file_option
+def service_install(
+    name: str, mountpoint: str | None, enable: bool, options: tuple[str, ...], config_file: Path | None
+) -> None:
+    """Install omnifs@NAME.service mounting remote NAME on MOUNTPOINT (default ~/OmniFS-NAME).
+
+    Writes omnifs@.service and omnifs-NAME.env to $XDG_CONFIG_HOME/systemd/user.
+    Without a reachable user systemd, prints the systemctl commands to run.
+    """
+    from omnifs import service
+    from omnifs.mount import parse_mount_options
+
+    try:
+        parse_mount_options(options)
+        mount_args = [a for o in options for a in ("-o", o)]
+        result = service.install(name, mountpoint, enable=enable, config_file=config_file, mount_args=mount_args)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except (RuntimeError, OSError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    click.echo(f"wrote {result.unit}")
+    click.echo(f"wrote {result.env} (mountpoint {result.mountpoint})")
+    if result.enabled:
+        click.echo(f"enabled and started {service.instance(name)}; it mounts {result.mountpoint} at every login")
+    elif result.reachable:
+        click.echo("to mount now and at every login, run:")
+    else:
+        click.echo("no systemd user manager is reachable from here; to mount now and at every login, run:")
+    for cmd in result.commands:
+        click.echo(f"  {cmd}")
+
+
+@service_group.command("uninstall")
+@click.argument("name", shell_complete=_complete_remotes)
+def service_uninstall(name: str) -> None:
+    """Stop and disable omnifs@NAME.service and remove its files (the remote's config stays)."""
+    from omnifs import service
+
+    try:
+        result = service.uninstall(name)
+    except (RuntimeError, OSError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    for path in result.removed:
+        click.echo(f"removed {path}")
+    if not result.removed:
+        click.echo(f"{service.instance(name)} was not installed")
+    if result.commands:
+        click.echo("no systemd user manager is reachable from here; if one runs elsewhere, run:")
+        for cmd in result.commands:
+            click.echo(f"  {cmd}")
 
 
 if __name__ == "__main__":

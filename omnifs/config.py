@@ -1,15 +1,21 @@
 """Configuration: XDG locations, the TOML remotes file, and remote specs.
 
 Every validation failure raises ``ConfigError`` naming the file, line and key;
-the CLI turns it into exit code 2.  The config never holds secrets.
+the CLI turns it into exit code 2.  The config never holds secrets: a remote's
+``secrets`` key only lists which secret options are stored in the keyring
+(see ``omnifs.credentials``).  Writes (``save_remote``, ``delete_remote``)
+keep other remotes and comments, validate the result like ``load_config``, and
+replace the file atomically with mode 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,8 @@ from omnifs.backends.base import Backend
 from omnifs.errors import ConfigError
 
 DEFAULT_REMOTE = "default"
+SECRETS_KEY = "secrets"  # per-remote list of secret options kept in the keyring
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -54,6 +62,7 @@ class RemoteConfig:
     options: Mapping[str, Any]
     file: str | None = None
     line: int | None = None
+    secrets: tuple[str, ...] = ()  # secret options stored in the keyring (names only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +106,11 @@ def load_config(path: Path | None = None, *, must_exist: bool = False) -> Config
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", file=str(path)) from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Parse and validate config ``text`` (errors name ``path``, line and key)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -116,7 +130,7 @@ def load_config(path: Path | None = None, *, must_exist: bool = False) -> Config
         line = headers.get(name)
         if not isinstance(table, dict):
             raise ConfigError(f"remote {name!r} must be a table", file=str(path), line=line, key=name)
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(f"invalid remote name {name!r}", file=str(path), line=line, key=name)
         rtype = table.get("type")
         if rtype is None:
@@ -128,10 +142,44 @@ def load_config(path: Path | None = None, *, must_exist: bool = False) -> Config
                 line=key_lines.get((name, "type"), line),
                 key="type",
             )
-        opts = {k: v for k, v in table.items() if k != "type"}
+        opts = {k: v for k, v in table.items() if k not in ("type", SECRETS_KEY)}
         _validate(name, rtype, opts, str(path), line, key_lines)
-        remotes[name] = RemoteConfig(name, rtype, opts, str(path), line)
+        stored = _stored_secrets(name, rtype, table.get(SECRETS_KEY, []), str(path), line, key_lines)
+        remotes[name] = RemoteConfig(name, rtype, opts, str(path), line, stored)
     return Config(path, remotes)
+
+
+def validate_remote(name: str, rtype: str, options: Mapping[str, Any], file: str | None = None) -> None:
+    """Validate one remote's options against its backend's declaration; ConfigError otherwise."""
+    if rtype not in backend_types():
+        raise ConfigError(f"remote {name!r}: unknown type {rtype!r} (known: {', '.join(backend_types())})", key="type")
+    _validate(name, rtype, options, file, None, {})
+
+
+def _stored_secrets(
+    name: str, rtype: str, value: object, file: str, line: int | None, key_lines: Mapping[tuple[str, str], int]
+) -> tuple[str, ...]:
+    """Validate the ``secrets`` list: names of declared secret options of ``rtype``."""
+    kline = key_lines.get((name, SECRETS_KEY), line)
+    declared = [k for k, o in backend_class(rtype).options.items() if o.secret]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"remote {name!r}: key {SECRETS_KEY!r} must be a list of secret option names",
+            file=file,
+            line=kline,
+            key=SECRETS_KEY,
+        )
+    for field_name in value:
+        if field_name not in declared:
+            known = ", ".join(declared) or "none"
+            raise ConfigError(
+                f"remote {name!r}: {SECRETS_KEY!r} names {field_name!r}, which is not a secret of type {rtype!r} "
+                f"(secrets: {known})",
+                file=file,
+                line=kline,
+                key=SECRETS_KEY,
+            )
+    return tuple(dict.fromkeys(value))
 
 
 def _validate(
@@ -155,9 +203,11 @@ def _validate(
                 key=key,
             )
         if option.secret:
+            from omnifs.credentials import env_var
+
             raise ConfigError(
                 f"remote {name!r}: {key!r} is a secret and must not be stored in the config file; "
-                f"use the keyring or OMNIFS_{name.upper()}_{key.upper()}",
+                f"store it with 'omnifs config add {name} --secret-from-stdin {key}' or set {env_var(name, key)}",
                 file=file,
                 line=kline,
                 key=key,
@@ -219,17 +269,140 @@ def resolve_remote(spec: str | None, config: Config) -> ResolvedRemote:
 
 
 def build_backend(resolved: ResolvedRemote, secrets: Mapping[str, Any] | None = None) -> Backend:
-    """Instantiate the backend for a resolved remote (wrapped for a sub-directory)."""
+    """Instantiate the backend for a resolved remote (wrapped for a sub-directory).
+
+    Without ``secrets`` the backend's declared secret options come from
+    ``omnifs.credentials.resolve`` (environment, then keyring), which raises
+    ``CredentialError`` when a secret the config lists cannot be obtained.
+    """
     rc = resolved.remote
     cls = backend_class(rc.type)
     opts = dict(rc.options)
     for key, option in cls.options.items():
         if key not in opts and option.default is not None:
             opts[key] = option.default
-    opts.update(secrets or {})
+    if secrets is None:
+        from omnifs.credentials import resolve
+
+        secrets = resolve(rc.name, cls.options, rc.secrets)
+    opts.update(secrets)
     backend = cls.from_options(rc.name, opts)
     if resolved.subdir:
         from omnifs.backends.subdir import SubdirBackend
 
         backend = SubdirBackend(backend, resolved.subdir)
     return backend
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def coerce_option(name: str, rtype: str, key: str, raw: str) -> Any:
+    """Convert a command-line string to the declared type of option ``key``; ConfigError if it cannot."""
+    declared = backend_class(rtype).options
+    option = declared.get(key)
+    if option is None:
+        known = ", ".join(sorted(k for k, o in declared.items() if not o.secret)) or "none"
+        raise ConfigError(f"remote {name!r}: unknown option {key!r} for type {rtype!r} (known: {known})", key=key)
+    try:
+        if option.type is bool:
+            low = raw.lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(raw)
+            return low in ("1", "true", "yes", "on")
+        if option.type in (int, float):
+            return option.type(raw)
+    except ValueError:
+        raise ConfigError(
+            f"remote {name!r}: option {key!r} must be {option.type.__name__}, got {raw!r}", key=key
+        ) from None
+    return raw
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _load_document(path: Path) -> Any:
+    import tomlkit
+
+    if not path.exists():
+        return tomlkit.document()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=str(path)) from exc
+    parse_config(text, path)  # refuse to rewrite a file that is already invalid
+    return tomlkit.parse(text)
+
+
+def save_remote(path: Path, name: str, rtype: str, options: Mapping[str, Any], secrets: Iterable[str] = ()) -> Config:
+    """Create or replace remote ``name`` in the config file and return the new config.
+
+    Other remotes, comments and the order of keys already present are kept.
+    The result is validated like ``load_config`` before the file is replaced
+    (atomically, mode 0600); on ConfigError the file is left untouched.
+    """
+    import tomlkit
+
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid remote name {name!r} (letters, digits, '_', '.', '-')", key="NAME")
+    doc = _load_document(path)
+    if "remotes" not in doc:
+        doc["remotes"] = tomlkit.table(is_super_table=True)
+    remotes = doc["remotes"]
+    wanted: dict[str, Any] = {"type": rtype, **options}
+    stored = list(dict.fromkeys(secrets))
+    if stored:
+        wanted[SECRETS_KEY] = stored
+    if name in remotes:
+        table = remotes[name]
+        for key in [k for k in table if k not in wanted]:
+            del table[key]
+        for key, value in wanted.items():
+            if key not in table or table[key] != value:
+                table[key] = value
+    else:
+        table = tomlkit.table()
+        for key, value in wanted.items():
+            table[key] = value
+        remotes[name] = table
+    text = tomlkit.dumps(doc)
+    config = parse_config(text, path)
+    _atomic_write(path, text)
+    return config
+
+
+def delete_remote(path: Path, name: str) -> bool:
+    """Remove remote ``name`` from the config file (atomically); False if it was not there."""
+    import tomlkit
+
+    if not path.exists():
+        return False
+    doc = _load_document(path)
+    remotes = doc.get("remotes")
+    if remotes is None or name not in remotes:
+        return False
+    del remotes[name]
+    text = tomlkit.dumps(doc)
+    parse_config(text, path)
+    _atomic_write(path, text)
+    return True

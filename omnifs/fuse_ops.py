@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from omnifs.errors import OmniError, errno_for
 from omnifs.inodes import Node
@@ -265,3 +266,21 @@ class FuseOperations(pyfuse3.Operations):
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.vfs.removexattr(inode, _name(name))
+
+
+class PyfuseNotifier:
+    """Kernel cache invalidation through pyfuse3 (safe to call from request handlers)."""
+
+    async def invalidate_inode(self, inode: int) -> None:
+        """Drop the kernel's cached attributes and data of ``inode`` (unknown inodes are ignored)."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as exc:
+            log.debug("invalidate_inode(%d): %s", inode, exc)
+
+    def invalidate_entry(self, parent_inode: int, name: str) -> None:
+        """Ask the kernel to forget ``name`` in a directory (asynchronously, never blocking)."""
+        try:
+            pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name))
+        except OSError as exc:
+            log.debug("invalidate_entry(%d, %s): %s", parent_inode, name, exc)

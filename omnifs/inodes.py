@@ -81,6 +81,7 @@ class Node:
     unlinked: bool = False
     partial: bool = False  # attrs came from a listing that lacks mode/owner
     kernel_cache_key: tuple[object, ...] | None = None
+    info: ObjectInfo | None = None  # what the backend last said (the version reads are served from)
     stage_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -129,13 +130,14 @@ class InodeTable:
             self.detach(node)
             node = None
         if node is None:
-            node = Node(self._next, info.path, attr, refreshed=now)
+            node = Node(self._next, info.path, attr, refreshed=now, info=info)
             self._next += 1
             self._by_inode[node.inode] = node
             self._by_path[node.path] = node
         elif not node.authoritative:
             node.attr = attr
             node.refreshed = now
+            node.info = info
         return node
 
     def forget(self, inode: int, count: int) -> None:

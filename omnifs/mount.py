@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ import pyfuse3
 import trio
 
 from omnifs.backends.base import Backend
+from omnifs.cache import CacheMode, CacheSettings, DiskCache, parse_size
 from omnifs.errors import ConfigError, OmniError
-from omnifs.fuse_ops import FuseOperations
+from omnifs.fuse_ops import FuseOperations, PyfuseNotifier
+from omnifs.remote import Remote, RemoteSettings
 from omnifs.staging import StagingArea
 from omnifs.vfs import VFS, VfsOptions
 
@@ -55,8 +58,15 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def _parse_float(key: str, value: str) -> float:
+    """Parse a number of seconds; ``5s``, ``2m``, ``1h`` and ``250ms`` are accepted too."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    scale = 1.0
+    for suffix in ("ms", "s", "m", "h"):
+        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
+            value, scale = value[: -len(suffix)], units[suffix]
+            break
     try:
-        out = float(value)
+        out = float(value) * scale
     except ValueError:
         raise ConfigError(f"option {key}: expected a number, got {value!r}", key=key) from None
     if out < 0:
@@ -73,11 +83,32 @@ class MountOptions:
     entry_timeout: float = 1.0
     writeback_cache: bool = True
     probe_timeout: float = 30.0
+    cache_mode: CacheMode = "full"
+    cache_max_size: int = 10 << 30
+    cache_min_free: int = 1 << 30
+    dir_cache_time: float = 300.0
+    poll_interval: float = 60.0
+    timeout: float = 10.0
+    write_back: float = 5.0
+    sync_upload: bool = False
+    drain_timeout: float = 120.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.fuse_flags
+
+
+_FLOAT_OPTIONS = (
+    "attr_timeout",
+    "entry_timeout",
+    "probe_timeout",
+    "dir_cache_time",
+    "poll_interval",
+    "timeout",
+    "write_back",
+    "drain_timeout",
+)
 
 
 def parse_mount_options(items: Iterable[str]) -> MountOptions:
@@ -92,9 +123,18 @@ def parse_mount_options(items: Iterable[str]) -> MountOptions:
             elif key == "default_permissions" and has_value:
                 if not _parse_bool(key, value):
                     flags.discard(key)
-            elif key in ("attr_timeout", "entry_timeout", "probe_timeout") and has_value:
+            elif key in _FLOAT_OPTIONS and has_value:
                 kw[key] = _parse_float(key, value)
-            elif key == "writeback_cache":
+            elif key in ("cache_max_size", "cache_min_free") and has_value:
+                try:
+                    kw[key] = parse_size(value)
+                except ValueError:
+                    raise ConfigError(f"option {key}: expected a size like 10G, got {value!r}", key=key) from None
+            elif key == "cache_mode" and has_value:
+                if value not in ("off", "writes", "full"):
+                    raise ConfigError(f"option cache_mode: expected off, writes or full, got {value!r}", key=key)
+                kw[key] = value
+            elif key in ("writeback_cache", "sync_upload"):
                 kw[key] = _parse_bool(key, value) if has_value else True
             elif key == "rw" and not has_value:
                 flags.discard("ro")
@@ -113,6 +153,24 @@ def mount_table() -> dict[str, str]:
             point = fields[4].encode().decode("unicode_escape")
             out[point] = fields[sep + 1]
     return out
+
+
+def raise_readahead(mountpoint: str, kib: int = 1024) -> None:
+    """Let the kernel read ahead ``kib`` per request on this mount (root only; best effort).
+
+    ``mountpoint`` must already be resolved: this reads /proc/self/mountinfo and
+    never touches the mountpoint itself, so it is safe in the serving process.
+    """
+    real = mountpoint
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == real:
+                try:
+                    Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(str(kib))
+                except OSError as exc:
+                    log.debug("cannot raise read-ahead for %s: %s", real, exc)
+                return
 
 
 def is_omnifs_mount(mountpoint: str) -> bool:
@@ -162,6 +220,22 @@ def sd_notify(message: str) -> None:
         log.warning("could not notify systemd: %s", exc)
 
 
+@dataclass(frozen=True, slots=True)
+class MountRecord:
+    """The JSON file describing a running mount (read by ``omnifs status`` and ``unmount``)."""
+
+    path: Path
+    mountpoint: str
+    source: str
+    remote: str
+
+    def write(self, data: dict[str, object]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+
 def runtime_dir() -> Path:
     from omnifs.config import state_home
 
@@ -198,7 +272,44 @@ async def probe(backend: Backend, timeout: float) -> None:
         raise RemoteUnreachable("the remote root is not a directory")
 
 
-async def _serve(vfs: VFS, backend: Backend) -> None:
+def status_record(vfs: VFS, record: MountRecord) -> dict[str, object]:
+    """What ``omnifs status`` shows for this mount (never secrets)."""
+    remote = vfs.remote
+    cache = remote.cache
+    out: dict[str, object] = {
+        "pid": os.getpid(),
+        "mountpoint": record.mountpoint,
+        "source": record.source,
+        "remote": record.remote,
+        "backends": [
+            {
+                "name": vfs.backend.name,
+                "type": vfs.backend.type_name,
+                "online": remote.health.online,
+                "last_error": remote.health.last_error,
+            }
+        ],
+        "journal": vfs.queue_stats(),
+        "updated": time.time(),
+    }
+    if cache is not None:
+        out["cache"] = {"mode": cache.settings.mode, "dir": str(cache.directory), "max_bytes": cache.settings.max_size}
+    return out
+
+
+async def _publish_status(vfs: VFS, record: MountRecord) -> None:
+    """Keep the mount record current (atomically replaced) for ``omnifs status``."""
+    while True:
+        data = status_record(vfs, record)
+        cache = vfs.remote.cache
+        if cache is not None:
+            stats = await vfs.remote.in_cache(cache.stats)
+            data["cache"] = {**data["cache"], "used_bytes": stats["data_bytes"], "pinned_bytes": stats["pinned_bytes"]}  # type: ignore[dict-item]
+        await trio.to_thread.run_sync(record.write, data)
+        await trio.sleep(2)
+
+
+async def _serve(vfs: VFS, backend: Backend, drain_timeout: float, record: MountRecord) -> None:
     async with trio.open_nursery() as nursery:
 
         async def on_signals() -> None:
@@ -210,14 +321,33 @@ async def _serve(vfs: VFS, backend: Backend) -> None:
                     return
 
         nursery.start_soon(on_signals)
+        await nursery.start(vfs.run)
+        nursery.start_soon(_publish_status, vfs, record)
         sd_notify("READY=1")
         log.info("mounted; serving requests")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    failed = await vfs.drain()
-    if failed:
-        log.error("%d file(s) could not be uploaded; their data is kept in %s", len(failed), vfs.staging.directory)
-    await backend.aclose()
+    pending = vfs.pending_uploads()
+    if pending:
+        log.warning("unmounting: uploading %d pending file(s) first (up to %g s)", pending, drain_timeout)
+    failed: list[str] | None = None
+    with trio.move_on_after(drain_timeout):
+        failed = await vfs.drain()
+    if failed is None:
+        log.error(
+            "pending uploads did not finish within %g s; they are kept in %s and resume at the next mount",
+            drain_timeout,
+            vfs.staging.directory,
+        )
+    elif failed:
+        log.error(
+            "%d file(s) could not be uploaded; they are kept in %s and resume at the next mount: %s",
+            len(failed),
+            vfs.staging.directory,
+            ", ".join(failed[:10]),
+        )
+    with trio.move_on_after(10):
+        await backend.aclose()
 
 
 def serve(
@@ -226,14 +356,38 @@ def serve(
     options: MountOptions,
     staging_dir: Path,
     source: str,
+    *,
+    cache_dir: Path,
 ) -> None:
     """Mount ``backend`` on ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = check_mountpoint(mountpoint)
     staging = StagingArea(staging_dir)
-    leftovers = staging.leftovers()
-    if leftovers:
-        log.warning("%d staged file(s) from an earlier run are kept in %s", len(leftovers), staging_dir)
-    vfs = VFS(backend, staging, VfsOptions(attr_ttl=options.attr_timeout))
+    cache = DiskCache(
+        cache_dir,
+        CacheSettings(
+            mode=options.cache_mode,
+            max_size=options.cache_max_size,
+            min_free=options.cache_min_free,
+            dir_cache_time=options.dir_cache_time,
+        ),
+    )
+    remote = Remote(
+        backend,
+        cache,
+        RemoteSettings(timeout=options.timeout, cache_reads=options.cache_mode == "full"),
+    )
+    vfs = VFS(
+        remote,
+        staging,
+        VfsOptions(
+            attr_ttl=options.attr_timeout,
+            poll_interval=options.poll_interval,
+            cache_writes=options.cache_mode != "off",
+            write_back=options.write_back,
+            sync_upload=options.sync_upload,
+        ),
+        kernel=PyfuseNotifier(),
+    )
     ops = FuseOperations(
         vfs,
         entry_timeout=options.entry_timeout,
@@ -243,18 +397,27 @@ def serve(
     fuse_options = {f"fsname={source.replace(',', '_')}", "subtype=omnifs", *options.fuse_flags}
     if os.geteuid() == 0 or "allow_other" in options.fuse_flags:
         fuse_options.add("auto_unmount")
-    record = mount_record_path(mountpoint)
+    record = MountRecord(mount_record_path(mountpoint), mountpoint, source, cache_dir.name)
 
     async def main() -> None:
-        await probe(backend, options.probe_timeout)
-        pyfuse3.init(ops, mountpoint, fuse_options)
         try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "source": source}))
-            await _serve(vfs, backend)
+            await probe(backend, options.probe_timeout)
+        except RemoteUnreachable as exc:
+            if len(cache.meta) == 0:
+                raise
+            log.warning("remote %s is unreachable (%s); starting offline from the cache", source, exc)
+            remote.mark_offline(str(exc))
+        pyfuse3.init(ops, mountpoint, fuse_options)
+        raise_readahead(mountpoint)
+        try:
+            record.write(status_record(vfs, record))
+            await _serve(vfs, backend, options.drain_timeout, record)
         finally:
             with contextlib.suppress(OSError):
-                record.unlink()
+                record.path.unlink()
             pyfuse3.close(unmount=True)
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        cache.close()

@@ -4,14 +4,24 @@ A staged file lives in the staging directory (mode 0700) on local disk, so the
 memory used never grows with file size.  Writes land here at local speed and are
 uploaded to the backend on flush/fsync/release.  All disk I/O runs in worker
 threads under one ``trio.CapacityLimiter``.
+
+Durability: once a staged file holds data the backend does not have, a small
+record ``<id>.json`` beside it names the backend path and attributes.  When an
+upload has to wait (backend offline), data and record are fsynced.  At start-up
+:meth:`StagingArea.recover` returns every recorded file, so pending data
+survives a crash or ``kill -9`` and is uploaded later; unrecorded files are
+clean copies and are removed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -32,9 +42,35 @@ class StagingArea:
         os.chmod(directory, 0o700)
         self.limiter = trio.CapacityLimiter(max_threads)
 
-    def leftovers(self) -> list[Path]:
-        """Staged files left by a process that did not shut down cleanly."""
-        return sorted(p for p in self.directory.iterdir() if p.is_file())
+    def recover(self) -> list[tuple[StagedFile, dict[str, Any]]]:
+        """Reopen staged files left with pending data by an earlier run; drop clean leftovers."""
+        out = []
+        for data_path in sorted(self.directory.iterdir()):
+            if data_path.suffix or not data_path.is_file():
+                continue
+            record_path = data_path.with_suffix(".json")
+            try:
+                record = json.loads(record_path.read_text())
+                if not isinstance(record.get("path"), str):
+                    raise ValueError("record without a path")
+            except FileNotFoundError:
+                data_path.unlink(missing_ok=True)  # a clean copy: nothing pending
+                continue
+            except (OSError, ValueError) as exc:
+                log.error("unreadable staging record %s (%s); data kept in %s", record_path, exc, data_path)
+                continue
+            fd = os.open(data_path, os.O_RDWR)
+            staged = StagedFile(self, data_path, fd)
+            staged.size = os.fstat(fd).st_size
+            staged.dirty = True
+            staged.recorded = True
+            out.append((staged, record))
+        for tmp in self.directory.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for record_path in self.directory.glob("*.json"):
+            if not record_path.with_suffix("").exists():
+                record_path.unlink(missing_ok=True)
+        return out
 
     async def run(self, fn, *args):  # type: ignore[no-untyped-def]
         try:
@@ -59,17 +95,46 @@ class StagedFile:
         self.dirty = False
         self.lock = trio.Lock()
         self.closed = False
+        self.recorded = False
+        self.broken = False  # a write failed: this content must never be uploaded
+        self.closed_dirty = False  # holds data a close() already accepted, not yet uploaded
 
-    async def fill_from(self, backend: Backend, path: str, size: int) -> None:
-        """Copy ``size`` bytes of backend object ``path`` into this file, chunk by chunk."""
+    @property
+    def record_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    async def fill_from(self, read: Callable[[int, int], Awaitable[bytes]], size: int) -> None:
+        """Copy ``size`` bytes obtained from ``read(offset, size)`` into this file, chunk by chunk."""
         offset = 0
         while offset < size:
-            data = await backend.read(path, offset, min(FILL_CHUNK, size - offset))
+            data = await read(offset, min(FILL_CHUNK, size - offset))
             if not data:
                 break
             await self.area.run(os.pwrite, self.fd, data, offset)
             offset += len(data)
         self.size = offset
+
+    async def write_record(self, record: dict[str, Any], *, durable: bool) -> None:
+        """Atomically (re)write the record naming this file's backend path; fsync when ``durable``."""
+
+        def _write() -> None:
+            tmp = self.record_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.record_path)
+            if durable:
+                os.fsync(self.fd)
+                dfd = os.open(self.area.directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+
+        self.recorded = True  # claimed before the write so concurrent writers do not repeat it
+        await self.area.run(_write)
 
     async def pread(self, offset: int, size: int) -> bytes:
         return await self.area.run(os.pread, self.fd, size, offset)
@@ -80,8 +145,22 @@ class StagedFile:
         self.dirty = True
         return written
 
+    def mark_failed(self) -> None:
+        """A write or truncate failed.
+
+        Content that no close() accepted yet is then never uploaded (the remote
+        keeps its last good version); content holding accepted data is still
+        uploaded as it is, as a local filesystem would keep it.
+        """
+        if not self.closed_dirty:
+            self.broken = True
+
     async def truncate(self, size: int) -> None:
-        await self.area.run(os.ftruncate, self.fd, size)
+        try:
+            await self.area.run(os.ftruncate, self.fd, size)
+        except BaseException:
+            self.mark_failed()
+            raise
         self.size = size
         self.dirty = True
 
@@ -91,6 +170,10 @@ class StagedFile:
         with open(fd, "rb", buffering=0) as src:
             info = await backend.write(path, src, attrs)
         self.dirty = False
+        self.closed_dirty = False
+        if self.recorded:
+            await self.area.run(lambda: self.record_path.unlink(missing_ok=True))
+            self.recorded = False
         return info
 
     async def close(self) -> None:
@@ -101,9 +184,7 @@ class StagedFile:
 
         def _close() -> None:
             os.close(self.fd)
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self.path.unlink(missing_ok=True)
+            self.record_path.unlink(missing_ok=True)
 
         await self.area.run(_close)

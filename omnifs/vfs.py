@@ -3,13 +3,20 @@
 The VFS speaks in inodes, names (``str``) and domain errors; ``fuse_ops`` is the
 thin adapter that turns kernel requests into these calls and errors into errno.
 Everything here runs on the trio thread; blocking work happens inside the
-backend and the staging area, in worker threads.
+backend, the cache and the staging area, in worker threads.
 
 Data path: a file opened for writing gets a *staged* local copy holding its
-whole content (streamed from the backend unless truncated).  Reads of a staged
-file come from the copy; writes land in it.  ``flush``/``fsync``/``release``
-upload the copy with the file's attributes in one atomic backend write.  Files
-not open for writing are read straight from the backend by range.
+whole content (streamed in unless truncated).  Reads of a staged file come from
+the copy; writes land in it.  ``flush``/``fsync``/``release`` upload the copy
+with the file's attributes in one atomic backend write.  Files not open for
+writing are read by range through ``Remote`` (the disk cache).
+
+When the backend is offline, metadata and data come from the disk cache, and
+an upload that cannot happen is deferred: the staged copy and its record are
+fsynced, ``close``/``fsync`` succeed, and the upload is retried in the
+background until it succeeds (also after a restart: see ``staging.recover``).
+Namespace changes (mkdir, rename, unlink, ...) need the backend and fail with
+EIO while it is offline.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-from omnifs.backends.base import NAME_MAX, Backend, ObjectInfo, SetAttrs, StatFs, join, parent_of
+import trio
+
+from omnifs.backends.base import NAME_MAX, Backend, ObjectInfo, SetAttrs, StatFs, join, parent_of, version_key
 from omnifs.errors import (
     AlreadyExists,
+    BackendUnavailable,
     InvalidArgument,
     InvalidPath,
     IsADirectory,
@@ -38,6 +49,7 @@ from omnifs.errors import (
     OmniError,
 )
 from omnifs.inodes import Attr, InodeTable, Node
+from omnifs.remote import Remote, VersionChanged, is_unavailable
 from omnifs.staging import StagedFile, StagingArea
 
 log = logging.getLogger(__name__)
@@ -45,6 +57,30 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACE = "user."
+# Control attribute: "1" pins (prefetches and keeps) a file or tree, "0" unpins, "prefetch" only fetches.
+PIN_XATTR = "user.omnifs.pin"
+
+WRITE_CACHE_MAX = 256 << 20  # larger uploads are not copied into the data cache
+
+T = TypeVar("T")
+
+
+class KernelNotifier(Protocol):
+    """Tells the kernel to drop what it cached about an inode or a name."""
+
+    async def invalidate_inode(self, inode: int) -> None: ...
+
+    def invalidate_entry(self, parent_inode: int, name: str) -> None: ...
+
+
+class NoKernel:
+    """The notifier used where there is no kernel (unit tests)."""
+
+    async def invalidate_inode(self, inode: int) -> None:
+        return None
+
+    def invalidate_entry(self, parent_inode: int, name: str) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +94,15 @@ class Ctx:
 
 @dataclass(frozen=True, slots=True)
 class VfsOptions:
-    attr_ttl: float = 1.0  # seconds backend attributes are trusted before re-reading
+    attr_ttl: float = 1.0  # seconds node attributes are trusted before asking the Remote again
     uid: int = os.getuid()  # owner shown when the backend stores none
     gid: int = os.getgid()
+    poll_interval: float = 60.0  # re-list directories the kernel knows, to see others' changes
+    retry_interval: float = 5.0  # first retry delay of a failed upload (doubles up to retry_max)
+    retry_max: float = 300.0
+    write_back: float = 5.0  # seconds after close before uploading (0: upload at close)
+    sync_upload: bool = False  # fsync waits for the backend instead of local durability
+    cache_writes: bool = True  # put uploaded content into the data cache (cache_mode writes/full)
 
 
 @dataclass(eq=False, slots=True)
@@ -68,6 +110,9 @@ class Handle:
     fh: int
     node: Node
     flags: int
+    info: ObjectInfo | None = None  # the version this handle reads when the file is not staged
+    next_chunk: int = -1  # sequential-read detection for read-ahead
+    served: bool = False  # data of ``info`` was returned to the reader
 
 
 @dataclass(eq=False, slots=True)
@@ -84,16 +129,33 @@ def _now() -> int:
 class VFS:
     """The filesystem: an inode table, open handles and the staged-data path."""
 
-    def __init__(self, backend: Backend, staging: StagingArea, options: VfsOptions | None = None) -> None:
-        self.backend = backend
+    def __init__(
+        self,
+        remote: Remote,
+        staging: StagingArea,
+        options: VfsOptions | None = None,
+        kernel: KernelNotifier | None = None,
+    ) -> None:
+        self.remote = remote
+        self.backend: Backend = remote.backend
         self.staging = staging
         self.opts = options or VfsOptions()
+        self.kernel: KernelNotifier = kernel or NoKernel()
         now = _now()
         root_attr = Attr(stat_mod.S_IFDIR | 0o755, self.opts.uid, self.opts.gid, 0, now, now, now, nlink=2)
         self.table = InodeTable(root_attr)
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._fh = itertools.count(1)
+        self._recovered: dict[str, tuple[StagedFile, dict[str, Any]]] = {}
+        for staged, record in staging.recover():
+            self._recovered[record["path"]] = (staged, record)
+        if self._recovered:
+            log.warning("%d file(s) with pending uploads recovered from %s", len(self._recovered), staging.directory)
+        self._due: dict[Node, float] = {}  # pending uploads: node -> monotonic time to try
+        self._failures: dict[Node, int] = {}
+        self._queued_at: dict[Node, float] = {}
+        self._wakeup = trio.Event()
 
     # --- helpers --------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -119,8 +181,23 @@ class VFS:
         return join(parent.path, name)
 
     def _ingest(self, info: ObjectInfo) -> Node:
-        """Record backend info in the table; keep known mode/owner when info lacks them."""
+        """Record backend info in the table; keep known mode/owner when info lacks them.
+
+        A file whose content changed on the backend gets a new inode: with the
+        writeback cache the kernel trusts its own size and pages for an inode it
+        knows, so a changed object must look like a replaced one (as it is).
+        """
         existing = self.table.by_path(info.path)
+        if (
+            existing is not None
+            and existing.kind == "file"
+            and info.kind == "file"
+            and not existing.authoritative
+            and existing.info is not None
+            and version_key(existing.info) != version_key(info)
+        ):
+            self._replaced(existing)
+            existing = None
         attr = Attr.from_info(info, self.opts.uid, self.opts.gid)
         partial = info.mode is None and info.kind != "symlink"
         if partial and existing is not None and existing.kind == info.kind and not existing.partial:
@@ -129,7 +206,29 @@ class VFS:
         node = self.table.ensure(info, attr, time.monotonic())
         if not node.authoritative:
             node.partial = partial
+            recovered = self._recovered.pop(info.path, None) if info.kind == "file" else None
+            if recovered is not None:
+                self._adopt(node, *recovered)
         return node
+
+    def _replaced(self, node: Node) -> None:
+        """Detach a node whose object changed elsewhere and make the kernel look its name up again."""
+        parent = self.table.by_path(parent_of(node.path))
+        name = node.path.rpartition("/")[2]
+        self.table.detach(node)
+        if parent is not None:
+            self.kernel.invalidate_entry(parent.inode, name)
+
+    def _adopt(self, node: Node, staged: StagedFile, record: dict[str, Any]) -> None:
+        """Attach a staged file recovered from an earlier run: its content is the truth."""
+        node.staged = staged
+        a = node.attr
+        a.size = staged.size
+        for key in ("mode", "uid", "gid", "mtime_ns"):
+            if isinstance(record.get(key), int):
+                setattr(a, key, (stat_mod.S_IFMT(a.mode) | record[key]) if key == "mode" else record[key])
+        node.partial = False
+        self._schedule(node, 0.0)
 
     def _fresh(self, node: Node) -> bool:
         return (
@@ -139,19 +238,27 @@ class VFS:
             or (not node.partial and time.monotonic() - node.refreshed < self.opts.attr_ttl)
         )
 
-    async def _refresh(self, node: Node) -> Node:
-        """Re-read ``node`` from the backend unless its attributes are fresh or local."""
-        if self._fresh(node):
+    async def _refresh(self, node: Node, *, force: bool = False) -> Node:
+        """Re-read ``node`` through the Remote unless its attributes are fresh or local."""
+        if not force and self._fresh(node):
+            return node
+        if node.authoritative or node.unlinked or node.inode == 1:
             return node
         try:
-            info = await self.backend.stat(node.path)
+            info = await self.remote.stat(node.path, allow_cached=not (force or node.partial))
         except NotFound:
             self.table.detach(node)
             raise
-        fresh = self._ingest(info)
-        if fresh is not node:
-            raise NotFound(f"{node.path} was replaced on the backend")
+        # A replaced object gets a new inode (see _ingest); this one keeps its
+        # last attributes until the kernel looks the name up again.
+        self._ingest(info)
         return node
+
+    async def _mutate(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a backend change; fails fast with EIO while the backend is offline."""
+        if not self.remote.health.online:
+            raise BackendUnavailable(f"backend {self.backend.name} is offline; changes need it")
+        return await self.remote.guarded(fn, *args)
 
     def _touch_dir(self, path: str) -> None:
         """Mark a directory's attributes stale after a change inside it."""
@@ -165,15 +272,49 @@ class VFS:
         a = node.attr
         return SetAttrs(mode=a.mode & 0o7777, uid=a.uid, gid=a.gid, mtime_ns=a.mtime_ns)
 
+    def _record_of(self, node: Node) -> dict[str, Any]:
+        a = node.attr
+        return {"path": node.path, "mode": a.mode & 0o7777, "uid": a.uid, "gid": a.gid, "mtime_ns": a.mtime_ns}
+
+    async def _read_version(
+        self, node: Node, info: ObjectInfo, offset: int, size: int, *, served: bool = False
+    ) -> tuple[bytes, ObjectInfo]:
+        """Read through the cache; if the object changed, switch to the new version.
+
+        A reader that was already served data of the old version gets ESTALE
+        instead, so no reader ever sees a mix of two versions.
+        """
+        try:
+            return await self.remote.read(info, offset, size), info
+        except VersionChanged:
+            log.info("%s changed on the backend while open", info.path)
+        await self._refresh(node, force=True)
+        if served:
+            await self.kernel.invalidate_inode(node.inode)
+            raise OmniError(f"{node.path} changed on the backend while being read", errno=errno.ESTALE)
+        await self.kernel.invalidate_inode(node.inode)
+        if node.info is None:
+            raise NotFound(node.path)
+        return await self.remote.read(node.info, offset, size), node.info
+
     async def _ensure_staged(self, node: Node, *, truncate: bool) -> StagedFile:
-        """Give ``node`` a staged local copy (streamed from the backend unless truncating)."""
+        """Give ``node`` a staged local copy (streamed in unless truncating)."""
         async with node.stage_lock:
             staged = node.staged
             if staged is None:
                 staged = await self.staging.create()
                 try:
                     if not truncate and node.attr.size > 0:
-                        await staged.fill_from(self.backend, node.path, node.attr.size)
+                        info = node.info
+
+                        async def read(offset: int, size: int) -> bytes:
+                            nonlocal info
+                            if info is None:
+                                return await self.backend.read(node.path, offset, size)
+                            data, info = await self._read_version(node, info, offset, size, served=offset > 0)
+                            return data
+
+                        await staged.fill_from(read, node.attr.size)
                 except BaseException:
                     await staged.close()
                     raise
@@ -182,31 +323,122 @@ class VFS:
                 async with staged.lock:
                     await staged.truncate(0)
             if truncate:
-                staged.dirty = True
+                await self._dirtied(node, staged)
                 now = _now()
                 node.attr.size = 0
                 node.attr.mtime_ns = node.attr.ctime_ns = now
             return staged
 
-    async def _sync(self, node: Node) -> None:
-        """Upload dirty staged data of ``node``; a no-op when clean or unlinked."""
+    async def _dirtied(self, node: Node, staged: StagedFile) -> None:
+        """Mark staged data dirty; the first time, record its path so a crash cannot orphan it."""
+        staged.dirty = True
+        if not staged.recorded and not node.unlinked:
+            await staged.write_record(self._record_of(node), durable=False)
+
+    def _schedule(self, node: Node, delay: float) -> None:
+        """Queue an upload of ``node`` in ``delay`` seconds (a newer request replaces an older one)."""
+        now = time.monotonic()
+        self._due[node] = now + delay
+        self._queued_at.setdefault(node, now)
+        self._wakeup.set()
+
+    def _unschedule(self, node: Node) -> None:
+        self._due.pop(node, None)
+        self._failures.pop(node, None)
+        self._queued_at.pop(node, None)
+
+    def _backoff(self, node: Node) -> float:
+        """Exponential backoff with jitter for the next retry of ``node``."""
+        import random
+
+        n = self._failures[node] = self._failures.get(node, 0) + 1
+        delay = min(self.opts.retry_max, self.opts.retry_interval * 2 ** (n - 1))
+        return delay * random.uniform(0.8, 1.2)
+
+    async def _write_back(self, node: Node) -> None:
+        """Make dirty data durable locally and queue its upload (or upload now with write_back=0)."""
         staged = node.staged
         if staged is None or not staged.dirty or node.unlinked:
             return
+        if staged.broken:
+            raise OmniError(f"{node.path}: an earlier write failed; the file was not changed", errno=errno.EIO)
+        if self.opts.write_back <= 0:
+            await self._sync(node)
+            return
+        async with staged.lock:
+            if not staged.dirty:
+                return  # uploaded while we waited for the lock
+            await staged.write_record(self._record_of(node), durable=True)
+            staged.closed_dirty = True
+        self._schedule(node, self.opts.write_back)
+
+    async def _sync(self, node: Node, *, defer: bool = True) -> None:
+        """Upload dirty staged data of ``node`` now.
+
+        When the backend is unavailable and ``defer`` is true, the data and its
+        record are made durable locally and the upload is queued for retry.
+        """
+        staged = node.staged
+        if staged is None or not staged.dirty or node.unlinked:
+            return
+        if staged.broken:
+            raise OmniError(f"{node.path}: an earlier write failed; the file was not changed", errno=errno.EIO)
         async with staged.lock:
             if not staged.dirty or node.unlinked:
                 return
-            info = await staged.upload(self.backend, node.path, self._upload_attrs(node))
+            try:
+                if not self.remote.health.online:
+                    raise BackendUnavailable(f"backend {self.backend.name} is offline")
+                info = await self.remote.guarded(staged.upload, self.backend, node.path, self._upload_attrs(node))
+            except OmniError as exc:
+                if not (defer and is_unavailable(exc)):
+                    raise
+                await staged.write_record(self._record_of(node), durable=True)
+                staged.closed_dirty = True
+                if node not in self._failures:
+                    log.warning("upload of %s deferred (%s); data is safe in %s", node.path, exc, staged.path)
+                self._schedule(node, self._backoff(node))
+                return
+            self._unschedule(node)
+            if self.opts.cache_writes and self.remote.cache is not None:
+                await self._cache_content(node.path, info, staged)
+        node.info = info
         node.attr.etag = info.etag
         node.refreshed = time.monotonic()
         node.kernel_cache_key = (info.etag, node.attr.size, node.attr.mtime_ns)
+        await self.remote.record(node.path, info)
+
+    async def _cache_content(self, path: str, info: ObjectInfo, staged: StagedFile) -> None:
+        cache = self.remote.cache
+        assert cache is not None
+        if info.size > min(cache.settings.max_size // 4, WRITE_CACHE_MAX):
+            return
+        pinned = await self.remote.in_cache(cache.is_pinned, path)
+        try:
+            await self.remote.in_cache(cache.put_file, path, version_key(info), staged.path, pinned)
+        except Exception as exc:  # caching is an optimisation: never fail the upload for it
+            log.warning("could not cache %s: %s", path, exc)
 
     async def _release_staged(self, node: Node) -> None:
-        """Upload and drop the staged copy once no handle needs it (kept if upload fails)."""
+        """Upload and drop the staged copy once no handle needs it (kept while the upload is pending)."""
         if node.staged is None or node.open_count > 0:
             return
-        await self._sync(node)
+        if node.staged.broken:
+            log.warning("not uploading %s: a write to it failed; the backend keeps the old content", node.path)
+            staged, node.staged = node.staged, None
+            await staged.close()
+            node.refreshed = 0.0
+            node.kernel_cache_key = None
+            self._unschedule(node)
+            await self.kernel.invalidate_inode(node.inode)
+            return
+        await self._write_back(node)
+        if node.open_count > 0:
+            return  # reopened while we waited: the new handles use the copy
+        if node.staged is not None and node.staged.dirty and not node.unlinked:
+            return  # queued: the upload loop owns it now
         staged, node.staged = node.staged, None
+        self._unschedule(node)
         if staged is not None:
             await staged.close()
 
@@ -223,9 +455,9 @@ class VFS:
             node = self.table.by_path(path)
             if node is None or not self._fresh(node):
                 try:
-                    info = await self.backend.stat(path)
+                    info = await self.remote.stat(path, allow_cached=node is None or not node.partial)
                 except NotFound:
-                    if node is not None:
+                    if node is not None and not node.authoritative:
                         self.table.detach(node)
                     raise
                 node = self._ingest(info)
@@ -260,9 +492,13 @@ class VFS:
             mode=None if mode is None else mode & 0o7777, uid=uid, gid=gid, mtime_ns=mtime_ns, atime_ns=atime_ns
         )
         if not change.is_empty():
-            if not node.authoritative and self.backend.capabilities.posix_attrs:
-                info = await self.backend.set_attrs(node.path, change)
+            if not node.authoritative and not node.unlinked and self.backend.capabilities.posix_attrs:
+                info = await self._mutate(self.backend.set_attrs, node.path, change)
                 node.attr.etag = info.etag
+                node.info = info
+                await self.remote.record(node.path, info)
+            elif node.staged is not None and node.staged.recorded:
+                await node.staged.write_record(self._record_of(node), durable=False)
             a = node.attr
             if change.mode is not None:
                 a.mode = stat_mod.S_IFMT(a.mode) | change.mode
@@ -287,6 +523,7 @@ class VFS:
             if staged.size != size or size != 0:
                 async with staged.lock:
                     await staged.truncate(size)
+                await self._dirtied(node, staged)
             now = _now()
             node.attr.size = size
             node.attr.mtime_ns = node.attr.ctime_ns = now
@@ -305,7 +542,9 @@ class VFS:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
         perms = mode & ~ctx.umask & 0o7777
-        info = await self.backend.mkdir(path, SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid))
+        info = await self._mutate(self.backend.mkdir, path, SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid))
+        await self.remote.record(path, info)
+        await self.remote.record_listing(path, [])
         node = self._ingest(info)
         node.lookups += 1
         self._touch_dir(parent.path)
@@ -316,7 +555,8 @@ class VFS:
         path = self._child_path(parent, name)
         if not self.backend.capabilities.symlinks:
             raise NotSupported(f"{self.backend.type_name} has no symlinks")
-        info = await self.backend.symlink(path, target, SetAttrs(uid=ctx.uid, gid=ctx.gid))
+        info = await self._mutate(self.backend.symlink, path, target, SetAttrs(uid=ctx.uid, gid=ctx.gid))
+        await self.remote.record(path, info)
         node = self._ingest(info)
         node.lookups += 1
         self._touch_dir(parent.path)
@@ -331,17 +571,29 @@ class VFS:
             raise IsADirectory(path)
         if node is not None and node.open_count > 0 and node.kind == "file":
             await self._ensure_staged(node, truncate=False)
-        await self.backend.delete(path)
+        try:
+            await self._mutate(self.backend.delete, path)
+        except NotFound:
+            if node is None or not node.authoritative:
+                raise
+        await self.remote.record(path, None)
         if node is not None:
             node.attr.nlink = 0
             node.attr.ctime_ns = _now()
             self.table.detach(node)
+            self._unschedule(node)
+            if node.staged is not None and node.open_count == 0:
+                staged, node.staged = node.staged, None
+                await staged.close()
+                self.table.maybe_drop(node)
         self._touch_dir(parent.path)
 
     async def rmdir(self, parent_inode: int, name: str) -> None:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
-        await self.backend.rmdir(path)
+        await self._mutate(self.backend.rmdir, path)
+        await self.remote.forget_tree(path)
+        await self.remote.record(path, None)
         node = self.table.by_path(path)
         if node is not None:
             self.table.detach(node)
@@ -352,9 +604,9 @@ class VFS:
         if node is not None and self._fresh(node):
             return node.kind
         try:
-            return self._ingest(await self.backend.stat(path)).kind
+            return self._ingest(await self.remote.stat(path, allow_cached=False)).kind
         except NotFound:
-            if node is not None:
+            if node is not None and not node.authoritative:
                 self.table.detach(node)
             return None
 
@@ -364,6 +616,8 @@ class VFS:
             raise InvalidArgument("RENAME_EXCHANGE is not supported")
         if not self.backend.capabilities.rename:
             raise NotSupported(f"{self.backend.type_name} cannot rename")
+        if not self.remote.health.online:
+            raise BackendUnavailable(f"backend {self.backend.name} is offline; rename needs it")
         pold, pnew = self.node(old_parent), self.node(new_parent)
         old, new = self._child_path(pold, old_name), self._child_path(pnew, new_name)
         if old == new:
@@ -387,12 +641,18 @@ class VFS:
         # Pending data must reach the backend under the old name before it moves.
         for node in self.table.nodes():
             if node.path == old or node.path.startswith(old + "/"):
-                await self._sync(node)
-        await self.backend.rename(old, new)
+                await self._sync(node, defer=False)
+        await self._mutate(self.backend.rename, old, new)
+        await self.remote.forget_tree(old)
+        await self.remote.forget_tree(new)
+        victim = self.table.by_path(new)
+        if victim is not None:
+            self._unschedule(victim)
         self.table.move(old, new)
         moved = self.table.by_path(new)
         if moved is not None:
             moved.attr.ctime_ns = _now()
+            moved.refreshed = 0.0
         self._touch_dir(pold.path)
         self._touch_dir(pnew.path)
 
@@ -402,15 +662,18 @@ class VFS:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
         perms = mode & ~ctx.umask & 0o7777
-        info = await self.backend.write(path, io.BytesIO(b""), SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid))
+        attrs = SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid)
+        info = await self._mutate(self.backend.write, path, io.BytesIO(b""), attrs)
+        await self.remote.record(path, info)
         node = self._ingest(info)
         if node.attr.mode & 0o7777 != perms or node.attr.uid != ctx.uid or node.attr.gid != ctx.gid:
             # The backend keeps no POSIX attributes: show what the caller asked for.
             node.attr.mode = stat_mod.S_IFREG | perms
             node.attr.uid, node.attr.gid = ctx.uid, ctx.gid
         node.partial = False
-        staged = await self._ensure_staged(node, truncate=True)
-        staged.dirty = False
+        async with node.stage_lock:
+            if node.staged is None:
+                node.staged = await self.staging.create()
         node.lookups += 1
         node.open_count += 1
         node.kernel_cache_key = (info.etag, 0, node.attr.mtime_ns)
@@ -425,7 +688,7 @@ class VFS:
         return node
 
     def _new_handle(self, node: Node, flags: int) -> Handle:
-        h = Handle(next(self._fh), node, flags)
+        h = Handle(next(self._fh), node, flags, node.info)
         self._handles[h.fh] = h
         return h
 
@@ -436,44 +699,74 @@ class VFS:
             raise IsADirectory(node.path)
         if node.kind == "symlink":
             raise OmniError("cannot open a symlink", errno=errno.ELOOP)
-        await self._refresh(node)
-        acc = flags & os.O_ACCMODE
-        truncate = bool(flags & os.O_TRUNC) and acc != os.O_RDONLY
-        if acc != os.O_RDONLY or truncate:
-            await self._ensure_staged(node, truncate=truncate)
+        # Counted before any await, so a concurrent release or unlink never drops the copy under us.
         node.open_count += 1
+        try:
+            await self._refresh(node)
+            acc = flags & os.O_ACCMODE
+            truncate = bool(flags & os.O_TRUNC) and acc != os.O_RDONLY
+            if acc != os.O_RDONLY or truncate:
+                await self._ensure_staged(node, truncate=truncate)
+        except BaseException:
+            node.open_count -= 1
+            self.table.maybe_drop(node)
+            raise
         key = (node.attr.etag, node.attr.size, node.attr.mtime_ns)
         keep_cache = node.kernel_cache_key == key and not truncate
         node.kernel_cache_key = key
         return self._new_handle(node, flags), keep_cache
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        node = self.handle(fh).node
+        h = self.handle(fh)
+        node = h.node
         staged = node.staged
         if staged is not None:
             return await staged.pread(offset, size)
-        if offset >= node.attr.size:
+        info = h.info or node.info
+        if info is None:
+            info = (await self._refresh(node, force=True)).info
+            if info is None:
+                raise NotFound(node.path)
+        if offset >= info.size:
             return b""
-        return await self.backend.read(node.path, offset, size)
+        data, h.info = await self._read_version(node, info, offset, size, served=h.served)
+        h.served = True
+        chunk = self.remote.chunk_size
+        first = offset // chunk
+        if first == h.next_chunk or first == h.next_chunk - 1 or offset == 0:
+            self.remote.prefetch(h.info, (offset + len(data) - 1) // chunk + 1)
+        h.next_chunk = (offset + len(data)) // chunk
+        return data
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         node = self.handle(fh).node
         staged = node.staged or await self._ensure_staged(node, truncate=False)
         async with staged.lock:
-            written = await staged.pwrite(offset, data)
+            try:
+                written = await staged.pwrite(offset, data)
+            except OmniError:
+                staged.mark_failed()
+                raise
+        if not staged.recorded:
+            await self._dirtied(node, staged)
         now = _now()
         node.attr.size = staged.size
         node.attr.mtime_ns = node.attr.ctime_ns = now
         return written
 
     async def flush(self, fh: int) -> None:
-        await self._sync(self.handle(fh).node)
+        await self._write_back(self.handle(fh).node)
 
     async def fsync(self, fh: int) -> None:
-        await self._sync(self.handle(fh).node)
+        """Durable on local disk (queued for upload); on the backend with ``sync_upload``."""
+        node = self.handle(fh).node
+        if self.opts.sync_upload:
+            await self._sync(node, defer=False)
+        else:
+            await self._write_back(node)
 
     async def release(self, fh: int) -> None:
-        """Close a handle; the last close uploads pending data (kept locally if that fails)."""
+        """Close a handle; the last close uploads pending data (deferred if the backend is offline)."""
         h = self._handles.pop(fh, None)
         if h is None:
             return
@@ -504,7 +797,7 @@ class VFS:
         if dh is None:
             raise OmniError(f"bad directory handle {fh}", errno=errno.EBADF)
         if start == 0 or dh.entries is None:
-            dh.entries = await self.backend.list(dh.node.path)
+            dh.entries = await self.remote.list(dh.node.path)
         for index in range(start, len(dh.entries)):
             info = dh.entries[index]
             node = self._ingest(info)
@@ -517,7 +810,13 @@ class VFS:
         self._dirs.pop(fh, None)
 
     async def statfs(self) -> StatFs:
-        st = await self.backend.statfs() if self.backend.capabilities.statfs else None
+        st = None
+        if self.backend.capabilities.statfs and self.remote.health.online:
+            try:
+                st = await self.remote.guarded(self.backend.statfs, timeout=self.remote.settings.timeout)
+            except OmniError as exc:
+                if not is_unavailable(exc):
+                    raise
         if st is None:
             big = 1 << 40
             st = StatFs(4096, big // 4096, big // 4096, big // 4096, 1 << 32, 1 << 32)
@@ -531,10 +830,15 @@ class VFS:
             raise NotSupported(f"only {XATTR_NAMESPACE}* attributes are supported")
 
     async def getxattr(self, inode: int, name: str) -> bytes:
+        if name == PIN_XATTR:
+            node = self.node(inode)
+            cache = self.remote.cache
+            pinned = cache is not None and await self.remote.in_cache(cache.is_pinned, node.path)
+            return b"1" if pinned else b"0"
         if not name.startswith(XATTR_NAMESPACE) or not self.backend.capabilities.xattrs:
             raise NoSuchAttribute(name)  # security.capability etc.: answered without I/O
         node = self.node(inode)
-        values = await self.backend.get_xattrs(node.path)
+        values = await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
         try:
             return values[name]
         except KeyError:
@@ -544,28 +848,204 @@ class VFS:
         if not self.backend.capabilities.xattrs:
             return []
         node = self.node(inode)
-        return sorted(await self.backend.get_xattrs(node.path))
+        return sorted(
+            await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
+        )
 
     async def setxattr(self, inode: int, name: str, value: bytes) -> None:
+        if name == PIN_XATTR:
+            value = value.strip()
+            if value == b"prefetch":  # fetch into the pinned store; the caller pins a parent afterwards
+                node = self.node(inode)
+                await self._pin_tree(node.path, node.kind)
+                return
+            await self._set_pin(self.node(inode), value not in (b"", b"0"))
+            return
         self._check_xattr(name)
         node = self.node(inode)
-        await self.backend.set_xattr(node.path, name, value)
+        await self._mutate(self.backend.set_xattr, node.path, name, value)
         node.attr.ctime_ns = _now()
 
     async def removexattr(self, inode: int, name: str) -> None:
+        if name == PIN_XATTR:
+            await self._set_pin(self.node(inode), False)
+            return
         self._check_xattr(name)
         node = self.node(inode)
-        await self.backend.set_xattr(node.path, name, None)
+        await self._mutate(self.backend.set_xattr, node.path, name, None)
         node.attr.ctime_ns = _now()
+
+    # --- pinning ---------------------------------------------------------------------------------
+    async def _set_pin(self, node: Node, pinned: bool) -> None:
+        """Pin (fetch every chunk into the never-evicted store) or unpin a file or tree."""
+        cache = self.remote.cache
+        if cache is None:
+            raise NotSupported("pinning needs the disk cache")
+        if not pinned:
+            await self.remote.in_cache(cache.unpin, node.path)
+            return
+        await self._pin_tree(node.path, node.kind)
+        await self.remote.in_cache(cache.pin, node.path)
+
+    async def _pin_tree(self, path: str, kind: str) -> None:
+        if kind == "dir":
+            for info in await self.remote.list(path, allow_cached=False):
+                await self._pin_tree(info.path, info.kind)
+            return
+        if kind != "file":
+            return
+        cache = self.remote.cache
+        assert cache is not None
+        info = await self.remote.stat(path, allow_cached=False)
+        version = version_key(info)
+        chunk = self.remote.chunk_size
+        for index in range((info.size + chunk - 1) // chunk):
+            data = await self.remote.in_cache(cache.get_chunk, path, version, index)
+            if data is None:
+                data = (await self.remote.guarded(self.backend.read_versioned, path, index * chunk, chunk))[0]
+            await self.remote.in_cache(cache.put_chunk, path, version, index, data, True)
+
+    # --- background work ---------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the background tasks (probe, read-ahead, polling, upload retries) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.remote.run)
+            self.remote.on_online(self.retry_deferred)
+            nursery.start_soon(self._upload_loop)
+            if self.opts.poll_interval > 0:
+                nursery.start_soon(self._poll_loop)
+            task_status.started()
+
+    async def _upload_loop(self) -> None:
+        """Upload queued files when due, a few at a time; failures back off exponentially."""
+        limiter = trio.CapacityLimiter(4)
+
+        async def one(node: Node) -> None:
+            async with limiter:
+                await self._upload_due(node)
+
+        while True:
+            now = time.monotonic()
+            if self.remote.health.online:
+                if self._recovered:
+                    await self._upload_recovered()
+                due = [n for n, t in self._due.items() if t <= now]
+                if due:
+                    async with trio.open_nursery() as nursery:
+                        for node in due:
+                            nursery.start_soon(one, node)
+                    continue
+            wait = min(self._due.values(), default=now + self.opts.retry_interval) - now
+            self._wakeup = trio.Event()
+            with trio.move_on_after(max(0.05, min(wait, self.opts.retry_interval))):
+                await self._wakeup.wait()
+
+    async def _upload_due(self, node: Node) -> None:
+        staged = node.staged
+        if staged is None or not staged.dirty or node.unlinked or staged.broken:
+            self._unschedule(node)
+            return
+        try:
+            await self._sync(node)
+        except OmniError as exc:
+            log.error("upload of %s failed (%s); will retry", node.path, exc)
+            self._schedule(node, self._backoff(node))
+            return
+        if node.staged is not None and not node.staged.dirty:
+            self._unschedule(node)
+            if node.open_count == 0:
+                staged, node.staged = node.staged, None
+                await staged.close()
+                self.table.maybe_drop(node)
+
+    async def retry_deferred(self) -> None:
+        """Make every queued upload due now (called when the backend comes back)."""
+        for node in self._due:
+            self._due[node] = 0.0
+        self._wakeup.set()
+
+    async def _upload_recovered(self) -> None:
+        """Upload files recovered from an earlier run that no lookup has adopted yet."""
+        for path, (staged, record) in list(self._recovered.items()):
+            if self.table.by_path(path) is not None:
+                continue
+            attrs = SetAttrs(
+                mode=record.get("mode"), uid=record.get("uid"), gid=record.get("gid"), mtime_ns=record.get("mtime_ns")
+            )
+            try:
+                info = await self.remote.guarded(staged.upload, self.backend, path, attrs)
+            except OmniError as exc:
+                log.info("recovered upload of %s still pending: %s", path, exc)
+                if is_unavailable(exc):
+                    return
+                continue
+            self._recovered.pop(path, None)
+            await self.remote.record(path, info)
+            await staged.close()
+            log.warning("uploaded %s, recovered from an earlier run", path)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await trio.sleep(self.opts.poll_interval)
+            if self.remote.health.online:
+                await self.poll_once()
+
+    async def poll_once(self) -> None:
+        """Re-list directories the kernel knows; tell the kernel about what changed elsewhere."""
+        dirs = [n for n in self.table.nodes() if n.kind == "dir" and not n.unlinked and (n.lookups > 0)]
+        for node in dirs:
+            old = await self.remote.cached_listing(node.path)
+            try:
+                infos = await self.remote.list(node.path, allow_cached=False)
+            except OmniError as exc:
+                if is_unavailable(exc):
+                    return
+                continue
+            new = {i.name: i for i in infos}
+            for info in infos:
+                child = self.table.by_path(info.path)
+                if child is not None and not child.authoritative:
+                    self._ingest(info)  # a changed file is replaced by a new inode
+            for name in set(old or {}) - set(new):
+                child = self.table.by_path(join(node.path, name))
+                if child is not None and child.authoritative:
+                    continue
+                self.kernel.invalidate_entry(node.inode, name)
+                if child is not None:
+                    self.table.detach(child)
 
     # --- lifetime ------------------------------------------------------------------------------
     async def drain(self) -> list[str]:
-        """Upload every dirty staged file; return the paths that could not be uploaded."""
-        failed = []
+        """Upload every pending file now; return the paths still pending (kept on disk for next time)."""
+        pending = []
         for node in self.table.nodes():
+            staged = node.staged
+            if staged is None or not staged.dirty or node.unlinked or staged.broken:
+                continue
             try:
-                await self._sync(node)
-            except Exception:
-                log.exception("could not upload %s; its data stays in %s", node.path, node.staged and node.staged.path)
-                failed.append(node.path)
-        return failed
+                await self._sync(node, defer=False)
+            except Exception as exc:
+                log.error("could not upload %s (%s); its data stays in %s", node.path, exc, staged.path)
+                try:
+                    await staged.write_record(self._record_of(node), durable=True)
+                except OmniError:
+                    log.exception("could not record pending data of %s", node.path)
+                pending.append(node.path)
+        if self.remote.health.online:
+            await self._upload_recovered()
+        pending.extend(self._recovered)
+        return sorted(set(pending))
+
+    def pending_uploads(self) -> int:
+        return len(self._due) + len(self._recovered)
+
+    def queue_stats(self) -> dict[str, Any]:
+        """Upload queue figures for ``omnifs status``."""
+        now = time.monotonic()
+        staged = [n.staged for n in self._due if n.staged is not None] + [s for s, _ in self._recovered.values()]
+        return {
+            "pending": self.pending_uploads(),
+            "pending_bytes": sum(s.size for s in staged),
+            "oldest_age_s": round(max((now - t for t in self._queued_at.values()), default=0.0), 1),
+            "retrying": len(self._failures),
+        }

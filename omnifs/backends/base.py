@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import trio
 
-from omnifs.errors import InvalidPath, NameTooLong, NotSupported
+from omnifs.errors import InvalidPath, NameTooLong, NotSupported, TransientError
 
 T = TypeVar("T")
 
@@ -98,6 +98,11 @@ class ObjectInfo:
         return {"file": stat_mod.S_IFREG, "dir": stat_mod.S_IFDIR, "symlink": stat_mod.S_IFLNK}[self.kind]
 
 
+def version_key(info: ObjectInfo) -> str:
+    """The version of an object's content: its etag, else its size and mtime."""
+    return info.etag or f"{info.size}:{info.mtime_ns}"
+
+
 @dataclass(frozen=True, slots=True)
 class SetAttrs:
     """Attributes to change; ``None`` leaves an attribute as it is."""
@@ -172,10 +177,14 @@ class Backend(abc.ABC):
         return f"{self.type_name}:"
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking ``fn`` in a worker thread under this backend's limiter."""
+        """Run blocking ``fn`` in a worker thread under this backend's limiter.
+
+        If the caller is cancelled (a timeout), the thread is abandoned: the
+        call returns at once and the thread's eventual result is discarded.
+        """
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(self._max_threads)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
 
     # --- required -----------------------------------------------------------
     @abc.abstractmethod
@@ -212,6 +221,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def rmdir(self, path: str) -> None:
         """Remove an empty directory; NotEmpty, NotFound or NotADirectory otherwise."""
+
+    async def read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        """Read a range and return it with the version it came from (see ``version_key``).
+
+        The default stats before and after reading and retries once if the
+        object changed in between; backends that learn the version from the
+        read itself (S3's ETag header, an fstat of the open file) override it.
+        """
+        for _ in range(3):
+            before = version_key(await self.stat(path))
+            data = await self.read(path, offset, size)
+            if version_key(await self.stat(path)) == before:
+                return data, before
+        raise TransientError(f"{path} keeps changing while being read")
 
     # --- optional (declared in ``capabilities``) -----------------------------
     async def rename(self, src: str, dst: str) -> None:

@@ -42,6 +42,10 @@ def _translated(path: str) -> Iterator[None]:
         raise from_oserror(exc, path) from exc
 
 
+def _etag(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
 def _info_from_stat(path: str, st: os.stat_result, target: str | None = None) -> ObjectInfo:
     if stat_mod.S_ISDIR(st.st_mode):
         kind = "dir"
@@ -60,7 +64,7 @@ def _info_from_stat(path: str, st: os.stat_result, target: str | None = None) ->
         uid=st.st_uid,
         gid=st.st_gid,
         nlink=st.st_nlink,
-        etag=f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}",
+        etag=_etag(st),
         target=target,
     )
 
@@ -135,6 +139,17 @@ class LocalBackend(Backend):
                 return os.pread(fd, size, offset)
             finally:
                 os.close(fd)
+
+    def _read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        full = self._full(path)
+        with _translated(path):
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                data = os.pread(fd, size, offset)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        return data, _etag(st)
 
     def _apply(self, full: str, attrs: SetAttrs | None, *, is_link: bool = False) -> None:
         if attrs is None:
@@ -303,6 +318,9 @@ class LocalBackend(Backend):
     async def read(self, path: str, offset: int, size: int) -> bytes:
         return await self.run_sync(self._read, path, offset, size)
 
+    async def read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        return await self.run_sync(self._read_versioned, path, offset, size)
+
     async def write(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
         return await self.run_sync(self._write, path, src, attrs)
 
@@ -332,4 +350,3 @@ class LocalBackend(Backend):
 
     async def statfs(self) -> StatFs:
         return await self.run_sync(self._statfs)
-

@@ -120,6 +120,12 @@ class MemoryBackend(Backend):
             raise IsADirectory(path)
         return bytes(e.data[offset : offset + size])
 
+    async def read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        e = self._get(path)
+        if e.kind == "dir":
+            raise IsADirectory(path)
+        return bytes(e.data[offset : offset + size]), f"v{e.version}"
+
     async def write(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
         self._parent(path)
         old = self._entries.get(path)

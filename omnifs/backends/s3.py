@@ -878,13 +878,18 @@ class S3Backend(Backend):
         return self._object_info(path, obj, body)
 
     def _read(self, path: str, offset: int, size: int) -> bytes:
+        return self._read_versioned(path, offset, size)[0]
+
+    def _read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        """Ranged GET returning the data and the ETag of the object it came from."""
         if not check_path(path):
             raise IsADirectory("the root is a directory")
         key = self._key(path)
         if size <= 0:
-            if self._head(key) is None:
+            head = self._head(key)
+            if head is None:
                 self._missing(path)
-            return b""
+            return b"", head.etag or ""
         what = self._what(key)
         try:
             resp = self._call("get_object", what, Key=key, Range=f"bytes={offset}-{offset + size - 1}")
@@ -892,7 +897,10 @@ class S3Backend(Backend):
             self._missing(path)
         except OmniError as exc:
             if _error_code(exc) == "InvalidRange":  # at or after EOF (or an empty object)
-                return b""
+                head = self._head(key)
+                if head is None:
+                    self._missing(path)
+                return b"", head.etag or ""
             raise
         body = resp["Body"]
         try:
@@ -901,7 +909,7 @@ class S3Backend(Backend):
             raise self._translate(exc, what) or exc from exc
         finally:
             body.close()
-        return data[:size]
+        return data[:size], _strip_etag(resp.get("ETag")) or ""
 
     def _missing(self, path: str) -> NoReturn:
         """Raise IsADirectory if ``path`` is a directory, else NotFound."""
@@ -1429,6 +1437,9 @@ class S3Backend(Backend):
                 else:
                     entries[name] = info
         return [entries[name] for name in sorted(entries)]
+
+    async def read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        return await self.run_sync(self._read_versioned, path, offset, size)
 
     async def read(self, path: str, offset: int, size: int) -> bytes:
         """Return up to ``size`` bytes at ``offset`` with one ranged GET (b"" at or after EOF)."""

@@ -501,10 +501,13 @@ class SFTPBackend(Backend):
         return isinstance(exc, (TimeoutError, ConnectionError, EOFError, paramiko.SSHException))
 
     # --- connecting ----------------------------------------------------------------------
+    def _pass_bytes(self) -> bytes | None:
+        return self._passphrase.encode() if self._passphrase else None
+
     def _load_key(self, key_file: str, passphrase: str | None) -> paramiko.PKey:
         """Load the configured private key; ConfigError names the file when it cannot."""
         try:
-            return paramiko.PKey.from_path(key_file, passphrase)
+            return paramiko.PKey.from_path(key_file, passphrase.encode() if passphrase else None)
         except paramiko.PasswordRequiredException as exc:
             raise ConfigError(
                 f"remote {self.name!r}: key_file {key_file} is encrypted; store its passphrase in the keyring",
@@ -634,7 +637,7 @@ class SFTPBackend(Backend):
                 fname = os.path.expanduser(f"~/.ssh/{base}")
                 if os.path.exists(fname):
                     try:
-                        keys.append((f"key {fname}", paramiko.PKey.from_path(fname, self._passphrase)))
+                        keys.append((f"key {fname}", paramiko.PKey.from_path(fname, self._pass_bytes())))
                     except (OSError, paramiko.SSHException, ValueError) as exc:
                         log.debug("skipping %s: %s", fname, exc)
         try:
@@ -837,11 +840,15 @@ class SFTPBackend(Backend):
         return self._call(op)
 
     def _read(self, path: str, offset: int, size: int) -> bytes:
+        return self._read_versioned(path, offset, size)[0]
+
+    def _read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        """Read a range; the version is the size and whole-second mtime seen when opening."""
         path = check_path(path)
         if offset < 0 or size < 0:
             raise InvalidArgument(f"negative offset or size reading {path!r}")
 
-        def op(sftp: paramiko.SFTPClient) -> bytes:
+        def op(sftp: paramiko.SFTPClient) -> tuple[bytes, str]:
             self._check_dir(sftp, parent_of(path))
             st = self._lstat(sftp, path)
             if stat_mod.S_ISLNK(st.st_mode or 0):
@@ -850,9 +857,10 @@ class SFTPBackend(Backend):
                 raise IsADirectory(path)
             if not stat_mod.S_ISREG(st.st_mode or stat_mod.S_IFREG):
                 raise NotSupported(f"{path}: not a regular file (device, FIFO or socket)")
+            version = f"{st.st_size or 0}:{int(st.st_mtime or 0) * 1_000_000_000}"
             n = min(size, (st.st_size or 0) - offset)
             if n <= 0:
-                return b""
+                return b"", version
             with _status(sftp, path):
                 f = sftp.open(self._full(path), "rb")
             try:
@@ -867,7 +875,7 @@ class SFTPBackend(Backend):
                 raise
             with _status(sftp, path):
                 f.close()
-            return data
+            return data, version
 
         return self._call(op)
 
@@ -1223,6 +1231,9 @@ class SFTPBackend(Backend):
 
     async def list(self, path: str) -> list[ObjectInfo]:
         return await self.run_sync(self._list, path)
+
+    async def read_versioned(self, path: str, offset: int, size: int) -> tuple[bytes, str]:
+        return await self.run_sync(self._read_versioned, path, offset, size)
 
     async def read(self, path: str, offset: int, size: int) -> bytes:
         return await self.run_sync(self._read, path, offset, size)

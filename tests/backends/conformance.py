@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from omnifs.backends.base import Backend, SetAttrs
+from omnifs.backends.base import Backend, SetAttrs, version_key
 from omnifs.errors import (
     AlreadyExists,
     InvalidPath,
@@ -99,6 +99,19 @@ class BackendConformance:
             assert await b.read("f.bin", MiB + 5, 1000) == data[MiB + 5 : MiB + 1005]
             assert await b.read("f.bin", len(data) - 10, 100) == data[-10:]
             assert await b.read("f.bin", len(data) + 10, 100) == b""
+
+        self.run(backend_factory, t)
+
+    def test_read_versioned_matches_stat(self, backend_factory: Callable[[], Backend]) -> None:
+        async def t(b: Backend) -> None:
+            await self.put(b, "v", b"first version")
+            data, v1 = await b.read_versioned("v", 0, 5)
+            assert data == b"first"
+            assert v1 == version_key(await b.stat("v"))
+            await self.put(b, "v", b"second, longer version")
+            data, v2 = await b.read_versioned("v", 0, 6)
+            assert data == b"second" and v2 != v1
+            assert v2 == version_key(await b.stat("v"))
 
         self.run(backend_factory, t)
 
@@ -334,5 +347,3 @@ class BackendConformance:
             assert st.block_size > 0 and st.blocks >= st.blocks_free >= 0
 
         self.run(backend_factory, t)
-
-

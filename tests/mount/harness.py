@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +59,7 @@ class Mount:
     extra_args: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 30.0) -> Mount:
-        cmd = [sys.executable, "-m", "omnifs", "-v", "mount", "--foreground"]
+        cmd = [sys.executable, "-m", "omnifs", "-vv", "mount", "--foreground"]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         for opt in self.options:
@@ -134,3 +135,15 @@ class Mount:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1])
         raise RuntimeError("no VmHWM")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy (uploads are written back after close)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)

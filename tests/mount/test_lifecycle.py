@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.mount.conftest import Remote, make_remote
-from tests.mount.harness import REPO, Mount, isolated_env, mounted_fstype
+from tests.mount.harness import REPO, Mount, isolated_env, mounted_fstype, wait_for
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -40,7 +40,7 @@ def test_background_mount_and_unmount(tmp_path: Path, home: Path) -> None:
         assert mounted_fstype(mp) == "fuse.omnifs"
         (mp / "note.txt").write_text("default store")
         store = home / ".local/share/omnifs/default"
-        assert (store / "note.txt").read_text() == "default store"
+        wait_for(lambda: (store / "note.txt").exists() and (store / "note.txt").read_text() == "default store")
         assert omnifs("mount", str(mp), env=env).returncode == 2  # already mounted
     finally:
         res = omnifs("unmount", str(mp), env=env)
@@ -120,7 +120,7 @@ def test_two_gib_file_streams_with_bounded_memory(local_remote: Remote, mounter)
             want.update(chunk)
             f.write(chunk)
     assert p.stat().st_size == size
-    assert (local_remote.backend_root / "big.bin").stat().st_size == size
+    wait_for(lambda: (local_remote.backend_root / "big.bin").stat().st_size == size, timeout=120, what="upload")
     subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], capture_output=True)
     got = hashlib.sha256()
     with open(p, "rb") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mount.harness import Mount
+from tests.mount.harness import Mount, wait_for
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -334,7 +334,8 @@ def test_local_backend_sees_plain_files(remote, mnt: Mount) -> None:
         pytest.skip(f"{remote.kind} data does not live in a local directory")
     (mnt.path / "sub").mkdir()
     (mnt.path / "sub" / "f.txt").write_text("on disk")
-    assert (remote.backend_root / "sub" / "f.txt").read_text() == "on disk"
+    target = remote.backend_root / "sub" / "f.txt"
+    wait_for(lambda: target.exists() and target.read_text() == "on disk", what="write-back upload")
 
 
 def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:

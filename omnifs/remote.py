@@ -1,0 +1,312 @@
+"""Backend access through the persistent cache, with health tracking and offline fallback.
+
+``Remote`` sits between the VFS and a backend:
+
+- metadata (``stat``, ``list``) is answered from the disk cache while it is
+  younger than ``dir_cache_time``, and from the cache at any age while the
+  backend is offline;
+- file data is read by chunk through the data cache (``cache_mode=full``),
+  keyed by the object's version, with parallel read-ahead for sequential reads;
+- read-path calls are bounded by ``timeout``: a backend that does not answer
+  makes the call fail with EIO and marks the backend offline;
+- a probe notices on its own when an offline backend answers again, after
+  which everything cached before is revalidated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from omnifs.backends.base import Backend, ObjectInfo, parent_of, version_key
+from omnifs.cache import DiskCache
+from omnifs.errors import BackendUnavailable, NotADirectory, NotFound, OmniError, TransientError
+
+log = logging.getLogger(__name__)
+
+HOT_CHUNKS = 16
+
+T = TypeVar("T")
+
+
+class VersionChanged(OmniError):
+    """The object changed on the backend while it was being read."""
+
+    def __init__(self, path: str, version: str) -> None:
+        super().__init__(f"{path} changed on the backend")
+        self.version = version
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    timeout: float = 10.0  # bound on read-path calls (stat, list, read)
+    probe_interval: float = 2.0  # how often an offline backend is probed
+    readahead_chunks: int = 4
+    cache_reads: bool = True  # cache_mode=full
+
+
+@dataclass(slots=True)
+class Health:
+    online: bool = True
+    last_error: str | None = None
+    last_change: float = 0.0
+    revalidate_after: float = 0.0  # cached entries older than this are stale while online
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the backend cannot be reached right now"."""
+    return isinstance(exc, (BackendUnavailable, TransientError))
+
+
+class Remote:
+    """A backend seen through the disk cache; every method runs on the trio thread."""
+
+    def __init__(self, backend: Backend, cache: DiskCache | None, settings: RemoteSettings | None = None) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.settings = settings or RemoteSettings()
+        # Metadata cached by an earlier run is revalidated on first use while online
+        # (and used as it is while offline).
+        self.health = Health(revalidate_after=time.time())
+        self._cache_limiter = trio.CapacityLimiter(4)
+        self._inflight: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._prefetch_slots = trio.Semaphore(max(1, self.settings.readahead_chunks))
+        self._online_waiters: list[Callable[[], Awaitable[None]]] = []
+        # The last few chunks, in memory: sequential kernel reads (128 KiB) hit a chunk many times.
+        self._hot: OrderedDict[str, bytes] = OrderedDict()
+
+    # --- plumbing ---------------------------------------------------------------------
+    async def in_cache(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking cache operation in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._cache_limiter)
+
+    def mark_offline(self, exc: BaseException | str) -> None:
+        reason = str(exc) or type(exc).__name__
+        self.health.last_error = reason
+        if self.health.online:
+            self.health.online = False
+            self.health.last_change = time.time()
+            log.warning("backend %s is offline: %s", self.backend.name, reason)
+
+    def mark_online(self) -> None:
+        if not self.health.online:
+            now = time.time()
+            self.health.online = True
+            self.health.last_change = now
+            self.health.revalidate_after = now
+            log.warning("backend %s is back online; revalidating cached metadata", self.backend.name)
+            if self._nursery is not None:
+                for callback in self._online_waiters:
+                    self._nursery.start_soon(callback)
+
+    def on_online(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` in the background each time the backend comes back."""
+        self._online_waiters.append(callback)
+
+    async def guarded(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None) -> T:
+        """Call the backend; unavailability or silence past ``timeout`` marks it offline."""
+        try:
+            if timeout is None:
+                return await fn(*args)
+            with trio.move_on_after(timeout) as scope:
+                return await fn(*args)
+        except OmniError as exc:
+            if is_unavailable(exc):
+                self.mark_offline(exc)
+            raise
+        assert scope.cancelled_caught
+        self.mark_offline(f"no answer within {timeout:g} s")
+        raise BackendUnavailable(f"{self.backend.name}: no answer within {timeout:g} s")
+
+    def _offline_error(self, what: str) -> BackendUnavailable:
+        return BackendUnavailable(f"{what}: backend {self.backend.name} is offline and this is not cached")
+
+    def _fresh(self, fetched_at: float) -> bool:
+        if self.cache is None:
+            return False
+        return (
+            fetched_at >= self.health.revalidate_after and time.time() - fetched_at < self.cache.settings.dir_cache_time
+        )
+
+    # --- metadata -------------------------------------------------------------------------
+    async def stat(self, path: str, *, allow_cached: bool = True) -> ObjectInfo:
+        """Info for ``path``; NotFound if absent.  Cached answers are used while fresh (or offline)."""
+        cached = await self.in_cache(self.cache.get_stat, path) if self.cache is not None else None
+        if cached is not None and (not self.health.online or (allow_cached and self._fresh(cached[0]))):
+            if cached[1] is None:
+                raise NotFound(path)
+            return cached[1]
+        if not self.health.online:
+            raise self._offline_error(path or "/")
+        try:
+            info = await self.guarded(self.backend.stat, path, timeout=self.settings.timeout)
+        except NotFound:
+            if self.cache is not None:
+                await self.in_cache(self.cache.put_stat, path, None)
+            raise
+        except OmniError as exc:
+            if is_unavailable(exc) and cached is not None:
+                if cached[1] is None:
+                    raise NotFound(path) from None
+                return cached[1]
+            raise
+        if self.cache is not None:
+            await self.in_cache(self.cache.put_stat, path, info)
+        return info
+
+    async def list(self, path: str, *, allow_cached: bool = True) -> list[ObjectInfo]:
+        """Children of ``path``; the cached listing is used while fresh (or offline)."""
+        cached = await self.in_cache(self.cache.get_listing, path) if self.cache is not None else None
+        if cached is not None and (not self.health.online or (allow_cached and self._fresh(cached[0]))):
+            return sorted(cached[1].values(), key=lambda i: i.name)
+        if not self.health.online:
+            raise self._offline_error(path or "/")
+        try:
+            infos = await self.guarded(self.backend.list, path, timeout=self.settings.timeout * 6)
+        except OmniError as exc:
+            if is_unavailable(exc) and cached is not None:
+                return sorted(cached[1].values(), key=lambda i: i.name)
+            if isinstance(exc, (NotFound, NotADirectory)) and self.cache is not None:
+                await self.in_cache(self.cache.forget_tree, path)
+            raise
+        if self.cache is not None:
+            infos = await self.in_cache(self.cache.put_listing, path, infos)
+        return infos
+
+    async def cached_listing(self, path: str) -> dict[str, ObjectInfo] | None:
+        if self.cache is None:
+            return None
+        got = await self.in_cache(self.cache.get_listing, path)
+        return None if got is None else got[1]
+
+    async def record(self, path: str, info: ObjectInfo | None) -> None:
+        """Write-through: remember the result of a change this mount made."""
+        if self.cache is not None:
+            await self.in_cache(self.cache.record, path, info)
+
+    async def record_listing(self, path: str, infos: list[ObjectInfo]) -> None:
+        """Write-through of a listing this mount knows completely (a directory it just created)."""
+        if self.cache is not None:
+            await self.in_cache(self.cache.put_listing, path, infos)
+
+    async def forget_tree(self, path: str) -> None:
+        """Drop cached metadata at and below ``path`` and the parent's cached listing."""
+        if self.cache is not None:
+            await self.in_cache(self.cache.forget_tree, path)
+            await self.in_cache(self.cache.forget_listing, parent_of(path))
+
+    # --- data -------------------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        return self.cache.settings.chunk_size if self.cache is not None else 1 << 20
+
+    async def read(self, info: ObjectInfo, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``offset`` of version ``info``; VersionChanged if it moved on."""
+        end = min(offset + size, info.size)
+        if end <= offset:
+            return b""
+        if self.cache is None or not self.settings.cache_reads:
+            if not self.health.online:
+                raise self._offline_error(info.path)
+            return await self.guarded(self.backend.read, info.path, offset, end - offset, timeout=self.settings.timeout)
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        version = version_key(info)
+        parts = [await self._chunk(info, version, index) for index in range(first, last + 1)]
+        data = b"".join(parts)
+        start = offset - first * cs
+        return data[start : start + (end - offset)]
+
+    def prefetch(self, info: ObjectInfo, from_index: int) -> None:
+        """Start background fetches of the next read-ahead chunks (no-op when offline or uncached)."""
+        if self._nursery is None or self.cache is None or not self.settings.cache_reads or not self.health.online:
+            return
+        count = math.ceil(info.size / self.chunk_size)
+        version = version_key(info)
+        for index in range(from_index, min(count, from_index + self.settings.readahead_chunks)):
+            key = DiskCache.chunk_key(info.path, version, index)
+            if key not in self._inflight:
+                self._nursery.start_soon(self._prefetch_one, info, version, index)
+
+    async def _prefetch_one(self, info: ObjectInfo, version: str, index: int) -> None:
+        async with self._prefetch_slots:
+            try:
+                await self._chunk(info, version, index)
+            except OmniError as exc:
+                log.debug("read-ahead of %s chunk %d failed: %s", info.path, index, exc)
+
+    def _remember(self, key: str, data: bytes) -> None:
+        self._hot[key] = data
+        self._hot.move_to_end(key)
+        while len(self._hot) > HOT_CHUNKS:
+            self._hot.popitem(last=False)
+
+    async def _chunk(self, info: ObjectInfo, version: str, index: int) -> bytes:
+        assert self.cache is not None
+        key = DiskCache.chunk_key(info.path, version, index)
+        hot = self._hot.get(key)
+        if hot is not None:
+            self._hot.move_to_end(key)
+            return hot
+        while True:
+            data = await self.in_cache(self.cache.get_chunk, info.path, version, index)
+            if data is not None:
+                self._remember(key, data)
+                return data
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+        if not self.health.online:
+            raise self._offline_error(info.path)
+        event = self._inflight[key] = trio.Event()
+        try:
+            cs = self.chunk_size
+            data, got = await self.guarded(
+                self.backend.read_versioned, info.path, index * cs, cs, timeout=self.settings.timeout
+            )
+            if got != version:
+                raise VersionChanged(info.path, got)
+            self._remember(key, data)
+            pinned = await self.in_cache(self.cache.is_pinned, info.path)
+            await self.in_cache(self.cache.put_chunk, info.path, version, index, data, pinned)
+            return data
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    # --- background -------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background work (probe, read-ahead) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._probe_loop)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.probe_interval)
+            if self.health.online:
+                continue
+            try:
+                await self.guarded(self.backend.stat, "", timeout=self.settings.timeout)
+            except OmniError as exc:
+                self.health.last_error = str(exc)
+                continue
+            self.mark_online()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run ``fn`` in the background nursery; False when not running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
