@@ -196,12 +196,27 @@ class DiskCache:
     def chunk_key(path: str, version: str, index: int) -> str:
         return f"{version}\0{path}\0{index}"
 
-    def get_chunk(self, path: str, version: str, index: int) -> bytes | None:
+    def get_chunk(self, path: str, version: str, index: int, protect: bool = False) -> bytes | None:
+        """A cached chunk, or None; with ``protect`` it is moved out of reach of eviction."""
         key = self.chunk_key(path, version, index)
         data = self.pinned.get(key)
         if data is None:
             data = self.data.get(key)
+            if data is not None and protect:
+                self.pinned.set(key, data)
+                self.data.delete(key)
         return data  # type: ignore[no-any-return]
+
+    def release_chunks(self, path: str, version: str, size: int) -> None:
+        """Make the protected chunks of one version evictable again (unless the path is pinned)."""
+        if self.is_pinned(path):
+            return
+        for index in range((size + self.settings.chunk_size - 1) // self.settings.chunk_size):
+            key = self.chunk_key(path, version, index)
+            data = self.pinned.get(key)
+            if data is not None:
+                self.data.set(key, data)
+                self.pinned.delete(key)
 
     def has_chunk(self, path: str, version: str, index: int) -> bool:
         key = self.chunk_key(path, version, index)

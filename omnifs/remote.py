@@ -80,6 +80,8 @@ class Remote:
         self._nursery: trio.Nursery | None = None
         self._prefetch_slots = trio.Semaphore(max(1, self.settings.readahead_chunks))
         self._online_waiters: list[Callable[[], Awaitable[None]]] = []
+        # Paths open for reading: their chunks are kept out of reach of eviction until closed.
+        self._open: dict[str, int] = {}
         # The last few chunks, in memory: sequential kernel reads (128 KiB) hit a chunk many times.
         self._hot: OrderedDict[str, bytes] = OrderedDict()
 
@@ -256,8 +258,9 @@ class Remote:
         if hot is not None:
             self._hot.move_to_end(key)
             return hot
+        protect = info.path in self._open
         while True:
-            data = await self.in_cache(self.cache.get_chunk, info.path, version, index)
+            data = await self.in_cache(self.cache.get_chunk, info.path, version, index, protect)
             if data is not None:
                 self._remember(key, data)
                 return data
@@ -276,12 +279,28 @@ class Remote:
             if got != version:
                 raise VersionChanged(info.path, got)
             self._remember(key, data)
-            pinned = await self.in_cache(self.cache.is_pinned, info.path)
+            pinned = protect or await self.in_cache(self.cache.is_pinned, info.path)
             await self.in_cache(self.cache.put_chunk, info.path, version, index, data, pinned)
             return data
         finally:
             del self._inflight[key]
             event.set()
+
+    def protect(self, path: str) -> None:
+        """A reader opened ``path``: keep its chunks from being evicted while it is open."""
+        self._open[path] = self._open.get(path, 0) + 1
+
+    async def unprotect(self, info: ObjectInfo, also: ObjectInfo | None = None) -> None:
+        """The last reader of ``info.path`` closed: its chunks (of ``info`` and ``also``) may be evicted again."""
+        count = self._open.get(info.path, 0) - 1
+        if count > 0:
+            self._open[info.path] = count
+            return
+        self._open.pop(info.path, None)
+        if self.cache is not None and self.settings.cache_reads:
+            versions = [info] if also is None or version_key(also) == version_key(info) else [info, also]
+            for v in versions:
+                await self.in_cache(self.cache.release_chunks, v.path, version_key(v), v.size)
 
     # --- background -------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -113,6 +113,7 @@ class Handle:
     info: ObjectInfo | None = None  # the version this handle reads when the file is not staged
     next_chunk: int = -1  # sequential-read detection for read-ahead
     served: bool = False  # data of ``info`` was returned to the reader
+    protected: ObjectInfo | None = None  # the version whose cached chunks this handle keeps from eviction
 
 
 @dataclass(eq=False, slots=True)
@@ -411,9 +412,9 @@ class VFS:
     async def _cache_content(self, path: str, info: ObjectInfo, staged: StagedFile) -> None:
         cache = self.remote.cache
         assert cache is not None
-        if info.size > min(cache.settings.max_size // 4, WRITE_CACHE_MAX):
-            return
         pinned = await self.remote.in_cache(cache.is_pinned, path)
+        if not pinned and info.size > min(cache.settings.max_size // 4, WRITE_CACHE_MAX):
+            return
         try:
             await self.remote.in_cache(cache.put_file, path, version_key(info), staged.path, pinned)
         except Exception as exc:  # caching is an optimisation: never fail the upload for it
@@ -714,7 +715,11 @@ class VFS:
         key = (node.attr.etag, node.attr.size, node.attr.mtime_ns)
         keep_cache = node.kernel_cache_key == key and not truncate
         node.kernel_cache_key = key
-        return self._new_handle(node, flags), keep_cache
+        handle = self._new_handle(node, flags)
+        if node.staged is None and node.info is not None:
+            self.remote.protect(node.info.path)
+            handle.protected = node.info
+        return handle, keep_cache
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
@@ -773,6 +778,8 @@ class VFS:
         node = h.node
         node.open_count -= 1
         try:
+            if h.protected is not None:
+                await self.remote.unprotect(h.protected, also=h.info)
             await self._release_staged(node)
         finally:
             self.table.maybe_drop(node)

@@ -215,6 +215,7 @@ def test_eviction_keeps_pinned_data(
 ) -> None:
     remote = make_remote("s3", request, tmp_path, home)
     remote.extra["server"] = s3_server
+    remote.extra["s3_client"] = request.getfixturevalue("s3_client")
     m = mounter(remote, *FAST, "cache_max_size=4M", "cache_min_free=0")
     keep = m.path / "keep"
     keep.mkdir()
@@ -223,6 +224,12 @@ def test_eviction_keeps_pinned_data(
         (keep / name).write_bytes(data)
     os.setxattr(keep, "user.omnifs.pin", b"1")
     assert os.getxattr(keep / "p0.bin", "user.omnifs.pin") == b"1"
+    # A file open for reading keeps its chunks too (O_DIRECT: every read reaches omnifs).
+    held = random.Random(99).randbytes(1_800_000)
+    (m.path / "held.bin").write_bytes(held)
+    wait_for(lambda: backend_bytes(remote, "held.bin") == held, what="upload")
+    fd = os.open(m.path / "held.bin", os.O_RDONLY | os.O_DIRECT)
+    assert os.pread(fd, len(held) + 10, 0) == held
     # Push far more than the cap through the cache.
     for i in range(12):
         data = random.Random(100 + i).randbytes(2_000_000)
@@ -231,6 +238,8 @@ def test_eviction_keeps_pinned_data(
     with outage(remote):
         for name, data in pinned.items():
             assert (keep / name).read_bytes() == data
+        assert os.pread(fd, len(held) + 10, 0) == held
+    os.close(fd)
     os.setxattr(keep, "user.omnifs.pin", b"0")
     assert os.getxattr(keep / "p0.bin", "user.omnifs.pin") == b"0"
 

@@ -67,3 +67,17 @@ def test_chunks_versions_pins_and_eviction(tmp_path: Path) -> None:
     assert report["pinned_paths"] == [] and report["max_bytes"] == 2 << 20
     clear_cache(tmp_path / "c")
     assert cache_report(tmp_path / "c")["chunks"] == 0
+
+
+def test_open_files_chunks_are_protected_from_eviction(tmp_path: Path) -> None:
+    c = DiskCache(tmp_path / "c", CacheSettings(max_size=2 << 20, min_free=0))
+    try:
+        c.put_chunk("open.bin", "v1", 0, b"o" * 500_000)
+        assert c.get_chunk("open.bin", "v1", 0, True) == b"o" * 500_000  # a reader holds it now
+        for i in range(12):
+            c.put_chunk(f"f{i}", "v1", 0, bytes([i]) * 500_000)
+        assert c.get_chunk("open.bin", "v1", 0) == b"o" * 500_000
+        c.release_chunks("open.bin", "v1", 500_000)
+        assert len(c.pinned) == 0 and c.get_chunk("open.bin", "v1", 0) == b"o" * 500_000
+    finally:
+        c.close()
