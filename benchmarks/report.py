@@ -40,6 +40,7 @@ class RunData:
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now().astimezone())
     duration_s: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)  # configuration -> tool, options, note
 
 
 def _ratio(metric: Metric, value: float | None, base: float | None) -> float | None:
@@ -205,7 +206,11 @@ def versions(repo: Path, s3_server: str | None, rev: str | None = None) -> dict[
 def render(data: RunData, machine_info: dict[str, str]) -> str:
     """The generated part of docs/benchmarks.md (also printed to the terminal)."""
     s = data.sizes
-    cfg_lines = "\n".join(f"- `{c}`" for c in data.configs if c in data.results)
+    cfg_lines = "\n".join(
+        f"- `{c}`" + (f": {data.descriptions[c]}" if data.descriptions.get(c) else "")
+        for c in data.configs
+        if c in data.results
+    )
     skipped = "\n".join(f"- `{c}`: {why}" for c, why in data.skipped.items()) or "- none"
     notes = "\n".join(f"- {n}" for n in data.notes) or "- none"
     parts = [

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -24,7 +25,7 @@ from benchmarks.profiling import PySpyProfiler, find_py_spy
 from benchmarks.report import RunData, machine, render, versions, write_doc
 from benchmarks.servers import S3Server, SSHServer
 from benchmarks.stores import LocalStore, S3Store, Store
-from benchmarks.workload import QUICK, PassResult, Sizes, Workload, blueprint_files
+from benchmarks.workload import QUICK, MiB, PassResult, Sizes, Workload, blueprint_files
 
 log = logging.getLogger("bench")
 
@@ -118,6 +119,7 @@ class Bench:
         self.sshd: SSHServer | None = None
         self.configs = self._select()
         self.data = RunData(self.sizes, self.passes, cf.BASELINE, [c.name for c in self.configs])
+        self.data.descriptions = {c.name: c.describe() for c in self.configs}
         self.data.command = "scripts/bench " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "scripts/bench"
 
     def _select(self) -> list[cf.Config]:
@@ -192,16 +194,19 @@ class Bench:
             else:
                 active.append(c)
         self.data.versions = versions(REPO, self.s3.version() if self.s3 else None, self.args.omnifs_rev)
-        listing = ""
+        listing = big = ""
+        big_data = random.Random(8).randbytes(self.sizes.big_mib * MiB)
         for p in range(self.passes):
-            listing = f"list-p{p + 1}"
+            listing, big = f"list-p{p + 1}", f"data-p{p + 1}/big.bin"
             for kind, store in stores.items():
                 t = time.perf_counter()
                 store.populate(listing, blueprint_files(self.sizes.entries))
+                store.put_file(big, big_data)
                 log.info(
-                    "pass %d: created %d entries on %s in %.1fs",
+                    "pass %d: created %d entries and a %d MiB file on %s in %.1fs",
                     p + 1,
                     self.sizes.entries,
+                    self.sizes.big_mib,
                     kind,
                     time.perf_counter() - t,
                 )
@@ -211,19 +216,25 @@ class Bench:
             for c in order:
                 if c.name in self.data.skipped:
                     continue
-                res = self.run_one(c, b, stores[c.backend], listing, f"work-{c.name}-p{p + 1}")
+                res = self.run_one(c, b, stores[c.backend], listing, big, f"p{p + 1}")
                 if res is not None:
                     self.data.results.setdefault(c.name, [PassResult() for _ in range(p)]).append(res)
+        del big_data
         if not self.args.no_profile:
-            self.profile(active, b, stores, listing)
+            self.profile(active, b, stores, listing, big)
         self.data.duration_s = time.perf_counter() - t_start
         return self.report()
 
-    def run_one(self, c: cf.Config, b: cf.Backends, store: Store, listing: str, work: str) -> PassResult | None:
+    def run_one(
+        self, c: cf.Config, b: cf.Backends, store: Store, listing: str, big: str, tag: str
+    ) -> PassResult | None:
         """One configuration, one pass; None when the configuration turned out unsupported."""
+        work = f"work-{c.name}-{tag}"
         log.info("running %s (%s)", c.name, work)
         t = time.perf_counter()
-        wl = Workload(c.name, cf.mount_factory(c, b), store, self.sizes, listing, work, _search_cmd)
+        wl = Workload(
+            c.name, cf.mount_factory(c, b, tag=tag), store, self.sizes, listing, work, _search_cmd, backend_big=big
+        )
         try:
             res = wl.run()
         except Unsupported as exc:
@@ -239,12 +250,16 @@ class Bench:
             res.notes.append(f"pass aborted: {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             store.remove_tree(work)
+            for d in cf.private_dirs(c, b, tag):
+                shutil.rmtree(d, ignore_errors=True)
         for n in res.notes:
             self.data.notes.append(f"`{c.name}` {work}: {n}")
         log.info("%s done in %.1fs", c.name, time.perf_counter() - t)
         return res
 
-    def profile(self, active: list[cf.Config], b: cf.Backends, stores: dict[str, Store], listing: str) -> None:
+    def profile(
+        self, active: list[cf.Config], b: cf.Backends, stores: dict[str, Store], listing: str, big: str
+    ) -> None:
         """One extra pass of the chosen omnifs configuration under py-spy."""
         py_spy = find_py_spy()
         c = next((c for c in active if c.name == self.args.profile and c.name not in self.data.skipped), None)
@@ -255,12 +270,13 @@ class Bench:
         prof = PySpyProfiler(py_spy, self.workdir / "profile")
         wl = Workload(
             c.name,
-            cf.mount_factory(c, b, counts_file=prof.counts_file),
+            cf.mount_factory(c, b, counts_file=prof.counts_file, tag="profile"),
             stores[c.backend],
             self.sizes,
             listing,
             f"work-{c.name}-profile",
             _search_cmd,
+            backend_big=big,
             profiler=prof,
         )
         log.info("profiling %s with py-spy", c.name)
@@ -270,6 +286,8 @@ class Bench:
             self.data.notes.append(f"profile pass failed: {exc}")
         finally:
             stores[c.backend].remove_tree(f"work-{c.name}-profile")
+            for d in cf.private_dirs(c, b, "profile"):
+                shutil.rmtree(d, ignore_errors=True)
         self.data.profile_md = prof.markdown(c.name)
         keep = RAW_JSON.parent / "profile"
         shutil.rmtree(keep, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import shutil
 from collections.abc import Iterable
@@ -35,6 +36,9 @@ class Store(Protocol):
     def populate(self, rel_dir: str, files: Iterable[tuple[str, bytes]]) -> None:
         """Create ``rel_dir`` holding the given (name, content) files."""
 
+    def put_file(self, rel: str, data: bytes) -> None:
+        """Create the file ``rel`` (and its directory) holding ``data``."""
+
     def size(self, rel: str) -> int | None:
         """Size of the file at ``rel`` on the backend, or None if it is not there (yet)."""
 
@@ -57,6 +61,12 @@ class LocalStore:
         for name, data in files:
             (d / name).write_bytes(data)
         syncfs(d)
+
+    def put_file(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        syncfs(path.parent)
 
     def size(self, rel: str) -> int | None:
         try:
@@ -90,6 +100,12 @@ class S3Store:
         with ThreadPoolExecutor(16) as pool:
             for _ in pool.map(put, files):
                 pass
+
+    def put_file(self, rel: str, data: bytes) -> None:
+        parent = rel.rpartition("/")[0]
+        if parent:
+            self.client.put_object(Bucket=self.bucket, Key=f"{parent}/", Body=b"")
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, rel)  # multipart, 8 MiB parts
 
     def size(self, rel: str) -> int | None:
         try:

@@ -901,6 +901,52 @@ def status(mountpoint: str | None, as_json: bool, quiet: bool) -> None:
         sys.exit(EXIT_RUNTIME)
 
 
+# --- flush -------------------------------------------------------------------------------
+
+
+def _pending(mountpoint: str) -> int:
+    return int(os.getxattr(mountpoint, "user.omnifs.pending"))
+
+
+@main.command()
+@click.argument("mountpoint", required=False)
+@click.option("--wait", is_flag=True, help="Wait until every queued upload has reached the remote.")
+@click.option("--timeout", default=0.0, help="With --wait: give up after this many seconds (0: never).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def flush(mountpoint: str | None, wait: bool, timeout: float, quiet: bool) -> None:
+    """Upload queued writes now (of MOUNTPOINT, or of every active mount)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    points = [os.path.realpath(mountpoint)] if mountpoint else [str(m["mountpoint"]) for m in active_mounts()]
+    if mountpoint and points[0] not in {m.get("mountpoint") for m in active_mounts()}:
+        _fail(f"{mountpoint} is not an active omnifs mount", EXIT_USAGE)
+    for point in points:
+        try:
+            os.setxattr(point, "user.omnifs.flush", b"1")
+        except OSError as exc:
+            _fail(f"cannot flush {point}: {exc.strerror}", EXIT_RUNTIME)
+    if not wait:
+        pending = sum(_pending(p) for p in points)
+        if not quiet:
+            click.echo(f"{pending} upload(s) queued; they are being sent now")
+        return
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    total = max(1, sum(_pending(p) for p in points))
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), disable=quiet) as progress:
+        task = progress.add_task("uploading", total=total)
+        while True:
+            pending = sum(_pending(p) for p in points)
+            total = max(total, pending)
+            progress.update(task, total=total, completed=total - pending)
+            if pending == 0:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                _fail(f"{pending} upload(s) still pending after {timeout:g} s (they continue in the background)", 1)
+            time.sleep(0.2)
+    if not quiet:
+        click.echo("all uploads done")
+
+
 # --- cache -------------------------------------------------------------------------------
 
 

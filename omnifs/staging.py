@@ -64,6 +64,8 @@ class StagingArea:
             staged.size = os.fstat(fd).st_size
             staged.dirty = True
             staged.recorded = True
+            base = record.get("base_version")
+            staged.base_version = base if isinstance(base, str) else None
             out.append((staged, record))
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -98,6 +100,7 @@ class StagedFile:
         self.recorded = False
         self.broken = False  # a write failed: this content must never be uploaded
         self.closed_dirty = False  # holds data a close() already accepted, not yet uploaded
+        self.base_version: str | None = None  # remote version this content was based on (None: unknown)
 
     @property
     def record_path(self) -> Path:

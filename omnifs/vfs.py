@@ -26,6 +26,8 @@ import io
 import itertools
 import logging
 import os
+import re
+import socket
 import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable
@@ -59,6 +61,8 @@ RENAME_EXCHANGE = 2
 XATTR_NAMESPACE = "user."
 # Control attribute: "1" pins (prefetches and keeps) a file or tree, "0" unpins, "prefetch" only fetches.
 PIN_XATTR = "user.omnifs.pin"
+FLUSH_XATTR = "user.omnifs.flush"  # control attribute: setting it makes every queued upload due now
+PENDING_XATTR = "user.omnifs.pending"  # read-only: number of uploads still queued
 
 WRITE_CACHE_MAX = 256 << 20  # larger uploads are not copied into the data cache
 
@@ -127,6 +131,20 @@ def _now() -> int:
     return time.time_ns()
 
 
+def conflict_name(path: str, when: float | None = None) -> str:
+    """``dir/NAME.conflict-<host>-<UTC time>.EXT`` for ``dir/NAME.EXT`` (kept within 255 bytes)."""
+    parent, _, name = path.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # no extension, or a dot file
+        stem, dot, ext = name, "", ""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:40] or "host"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    suffix = f".conflict-{host}-{stamp}" + (dot + ext)
+    while len((stem + suffix).encode("utf-8", "surrogateescape")) > NAME_MAX:
+        stem = stem[:-1]
+    return join(parent, stem + suffix)
+
+
 class VFS:
     """The filesystem: an inode table, open handles and the staged-data path."""
 
@@ -156,6 +174,7 @@ class VFS:
         self._due: dict[Node, float] = {}  # pending uploads: node -> monotonic time to try
         self._failures: dict[Node, int] = {}
         self._queued_at: dict[Node, float] = {}
+        self.conflicts: list[dict[str, Any]] = []
         self._wakeup = trio.Event()
 
     # --- helpers --------------------------------------------------------------------
@@ -275,7 +294,15 @@ class VFS:
 
     def _record_of(self, node: Node) -> dict[str, Any]:
         a = node.attr
-        return {"path": node.path, "mode": a.mode & 0o7777, "uid": a.uid, "gid": a.gid, "mtime_ns": a.mtime_ns}
+        base = node.staged.base_version if node.staged is not None else None
+        return {
+            "path": node.path,
+            "mode": a.mode & 0o7777,
+            "uid": a.uid,
+            "gid": a.gid,
+            "mtime_ns": a.mtime_ns,
+            "base_version": base,
+        }
 
     async def _read_version(
         self, node: Node, info: ObjectInfo, offset: int, size: int, *, served: bool = False
@@ -304,6 +331,7 @@ class VFS:
             staged = node.staged
             if staged is None:
                 staged = await self.staging.create()
+                staged.base_version = version_key(node.info) if node.info is not None else None
                 try:
                     if not truncate and node.attr.size > 0:
                         info = node.info
@@ -316,6 +344,8 @@ class VFS:
                             return data
 
                         await staged.fill_from(read, node.attr.size)
+                        if info is not None:
+                            staged.base_version = version_key(info)  # the version actually read
                 except BaseException:
                     await staged.close()
                     raise
@@ -390,6 +420,10 @@ class VFS:
             try:
                 if not self.remote.health.online:
                     raise BackendUnavailable(f"backend {self.backend.name} is offline")
+                theirs = await self._changed_elsewhere(node.path, staged.base_version)
+                if theirs is not None:
+                    await self._keep_both(node, staged, theirs)
+                    return
                 info = await self.remote.guarded(staged.upload, self.backend, node.path, self._upload_attrs(node))
             except OmniError as exc:
                 if not (defer and is_unavailable(exc)):
@@ -401,6 +435,7 @@ class VFS:
                 self._schedule(node, self._backoff(node))
                 return
             self._unschedule(node)
+            staged.base_version = version_key(info)
             if self.opts.cache_writes and self.remote.cache is not None:
                 await self._cache_content(node.path, info, staged)
         node.info = info
@@ -408,6 +443,40 @@ class VFS:
         node.refreshed = time.monotonic()
         node.kernel_cache_key = (info.etag, node.attr.size, node.attr.mtime_ns)
         await self.remote.record(node.path, info)
+
+    async def _changed_elsewhere(self, path: str, base: str | None) -> ObjectInfo | None:
+        """The remote object if it is no longer the version our content was based on, else None."""
+        if base is None:
+            return None
+        try:
+            current = await self.remote.guarded(self.backend.stat, path, timeout=self.remote.settings.timeout)
+        except NotFound:
+            return None  # deleted elsewhere: our upload recreates it
+        return current if version_key(current) != base else None
+
+    async def _keep_both(self, node: Node, staged: StagedFile, theirs: ObjectInfo) -> None:
+        """Another writer changed the file since we read it: upload ours beside theirs.
+
+        Ours goes to ``NAME.conflict-<host>-<UTC time>.EXT`` and this node (with
+        any open handles) follows it there; theirs stays under the original name.
+        Called with ``staged.lock`` held.
+        """
+        original = node.path
+        copy = conflict_name(original)
+        info = await self.remote.guarded(staged.upload, self.backend, copy, self._upload_attrs(node))
+        staged.base_version = version_key(info)
+        log.warning("conflict: %s was changed elsewhere; kept theirs, uploaded ours as %s", original, copy)
+        self.conflicts.append({"path": original, "copy": copy, "time": time.time()})
+        del self.conflicts[:-50]
+        self._unschedule(node)
+        parent = self.table.by_path(parent_of(original))
+        self.table.move(original, copy)
+        node.info = info
+        node.attr.etag = info.etag
+        await self.remote.record(copy, info)
+        await self.remote.record(original, theirs)
+        if parent is not None:
+            self.kernel.invalidate_entry(parent.inode, original.rpartition("/")[2])
 
     async def _cache_content(self, path: str, info: ObjectInfo, staged: StagedFile) -> None:
         cache = self.remote.cache
@@ -497,6 +566,8 @@ class VFS:
                 info = await self._mutate(self.backend.set_attrs, node.path, change)
                 node.attr.etag = info.etag
                 node.info = info
+                if node.staged is not None:
+                    node.staged.base_version = version_key(info)
                 await self.remote.record(node.path, info)
             elif node.staged is not None and node.staged.recorded:
                 await node.staged.write_record(self._record_of(node), durable=False)
@@ -650,6 +721,9 @@ class VFS:
         if victim is not None:
             self._unschedule(victim)
         self.table.move(old, new)
+        for node in self.table.nodes():
+            if node.staged is not None and (node.path == new or node.path.startswith(new + "/")):
+                node.staged.base_version = None  # a server-side copy may have changed the etag
         moved = self.table.by_path(new)
         if moved is not None:
             moved.attr.ctime_ns = _now()
@@ -675,6 +749,7 @@ class VFS:
         async with node.stage_lock:
             if node.staged is None:
                 node.staged = await self.staging.create()
+                node.staged.base_version = version_key(info)
         node.lookups += 1
         node.open_count += 1
         node.kernel_cache_key = (info.etag, 0, node.attr.mtime_ns)
@@ -837,6 +912,8 @@ class VFS:
             raise NotSupported(f"only {XATTR_NAMESPACE}* attributes are supported")
 
     async def getxattr(self, inode: int, name: str) -> bytes:
+        if name == PENDING_XATTR:
+            return str(self.pending_uploads()).encode()
         if name == PIN_XATTR:
             node = self.node(inode)
             cache = self.remote.cache
@@ -860,6 +937,9 @@ class VFS:
         )
 
     async def setxattr(self, inode: int, name: str, value: bytes) -> None:
+        if name == FLUSH_XATTR:
+            await self.retry_deferred()
+            return
         if name == PIN_XATTR:
             value = value.strip()
             if value == b"prefetch":  # fetch into the pinned store; the caller pins a parent afterwards
@@ -980,14 +1060,19 @@ class VFS:
                 mode=record.get("mode"), uid=record.get("uid"), gid=record.get("gid"), mtime_ns=record.get("mtime_ns")
             )
             try:
-                info = await self.remote.guarded(staged.upload, self.backend, path, attrs)
+                target = path
+                if await self._changed_elsewhere(path, staged.base_version) is not None:
+                    target = conflict_name(path)
+                    log.warning("conflict: %s was changed elsewhere; uploading ours as %s", path, target)
+                    self.conflicts.append({"path": path, "copy": target, "time": time.time()})
+                info = await self.remote.guarded(staged.upload, self.backend, target, attrs)
             except OmniError as exc:
                 log.info("recovered upload of %s still pending: %s", path, exc)
                 if is_unavailable(exc):
                     return
                 continue
             self._recovered.pop(path, None)
-            await self.remote.record(path, info)
+            await self.remote.record(target, info)
             await staged.close()
             log.warning("uploaded %s, recovered from an earlier run", path)
 
@@ -1055,4 +1140,5 @@ class VFS:
             "pending_bytes": sum(s.size for s in staged),
             "oldest_age_s": round(max((now - t for t in self._queued_at.values()), default=0.0), 1),
             "retrying": len(self._failures),
+            "conflicts": self.conflicts[-20:],
         }

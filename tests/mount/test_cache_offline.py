@@ -307,6 +307,7 @@ def test_cache_cli_pin_stats_unpin_clear(request: pytest.FixtureRequest, tmp_pat
 
     out = cli("cache", "pin", str(folder))
     assert "pinned" in out.stdout and "3 file(s)" in out.stdout
+
     def stats() -> dict[str, Any]:
         return json.loads(cli("cache", "stats", str(m.path), "--json").stdout)["caches"][0]  # type: ignore[no-any-return]
 
@@ -321,3 +322,41 @@ def test_cache_cli_pin_stats_unpin_clear(request: pytest.FixtureRequest, tmp_pat
     assert stats()["used_bytes"] < 100_000
     for i in range(3):  # still readable after a clear
         assert (folder / f"f{i}.bin").read_bytes() == random.Random(i).randbytes(700_000)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "sftp"])
+def test_conflicting_change_keeps_both_versions(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, home: Path, mounter
+) -> None:
+    remote = make_remote(kind, request, tmp_path, home)
+    if kind == "s3":
+        remote.extra["s3_client"] = request.getfixturevalue("s3_client")
+    m = mounter(remote, "write_back=2s", "poll_interval=1", "dir_cache_time=1")
+    doc = m.path / "plan.yaml"
+    doc.write_text("base\n")
+    wait_for(lambda: backend_bytes(remote, "plan.yaml") == b"base\n", what="first upload")
+    doc.write_text("ours\n")  # queued for 2 s
+    put_backend(remote, "plan.yaml", b"theirs\n")  # another writer gets there first
+
+    def conflict_copies() -> list[str]:
+        return [n for n in os.listdir(m.path) if n.startswith("plan.conflict-") and n.endswith(".yaml")]
+
+    copies = wait_for(conflict_copies, what="a conflict copy")
+    assert len(copies) == 1
+    assert backend_bytes(remote, "plan.yaml") == b"theirs\n"
+    assert backend_bytes(remote, copies[0]) == b"ours\n"
+    wait_for(lambda: doc.read_text() == "theirs\n", what="theirs under the original name")
+    assert (m.path / copies[0]).read_text() == "ours\n"
+
+    def listed_conflicts() -> list[str]:
+        status = subprocess.run(
+            [sys.executable, "-m", "omnifs", "status", "--json"],
+            env=remote.env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        mount = next(x for x in json.loads(status.stdout)["mounts"] if x["mountpoint"] == str(m.path))
+        return [c["copy"] for c in mount["journal"]["conflicts"]]
+
+    assert wait_for(listed_conflicts, what="the conflict in omnifs status") == copies

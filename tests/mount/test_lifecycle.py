@@ -130,3 +130,17 @@ def test_two_gib_file_streams_with_bounded_memory(local_remote: Remote, mounter)
     peak_mib = m.rss_peak_kib() / 1024
     assert peak_mib < 300, f"mount process peaked at {peak_mib:.0f} MiB for a 2 GiB file"
     os.unlink(p)
+
+
+def test_flush_wait_uploads_queued_writes(local_remote: Remote, mounter) -> None:
+    m = mounter(local_remote, "write_back=10m")
+    for i in range(5):
+        (m.path / f"f{i}.txt").write_text(f"queued {i}")
+    assert int(os.getxattr(m.path, "user.omnifs.pending")) == 5
+    assert (local_remote.backend_root / "f0.txt").read_text() == ""  # created, content not uploaded yet
+    res = omnifs("flush", str(m.path), "--wait", "--timeout", "60", env=local_remote.env)
+    assert res.returncode == 0, res.stderr
+    assert "all uploads done" in res.stdout
+    for i in range(5):
+        assert (local_remote.backend_root / f"f{i}.txt").read_text() == f"queued {i}"
+    assert omnifs("flush", "/nonexistent-mount", env=local_remote.env).returncode == 2

@@ -76,3 +76,15 @@ def test_write_back_uploads_once_after_delay_and_drain(tmp_path: Path) -> None:
         assert await vfs2.backend.read("x", 0, 10) == b"drained"
 
     trio.run(main)
+
+
+def test_conflict_name() -> None:
+    from omnifs.vfs import conflict_name
+
+    when = 1_795_000_000.0
+    name = conflict_name("docs/plan.blueprint.yaml", when)
+    assert name.startswith("docs/plan.blueprint.conflict-") and name.endswith("Z.yaml")
+    assert conflict_name("README", when).startswith("README.conflict-")
+    assert conflict_name(".bashrc", when).startswith(".bashrc.conflict-")
+    long = conflict_name("d/" + "x" * 250 + ".txt", when)
+    assert len(long.split("/")[1].encode()) <= 255 and long.endswith(".txt")
