@@ -104,7 +104,12 @@ class DiskCache:
         return own  # type: ignore[no-any-return]
 
     def put_stat(self, path: str, info: ObjectInfo | None, fetched_at: float | None = None) -> None:
-        self.meta.set("S\0" + path, (fetched_at or time.time(), info))
+        """Store a stat observed at ``fetched_at``; a newer entry (our own change) is kept."""
+        now = fetched_at or time.time()
+        with self.meta.transact():
+            old = self.meta.get("S\0" + path)
+            if old is None or old[0] <= now:
+                self.meta.set("S\0" + path, (now, info))
 
     def get_listing(self, path: str) -> tuple[float, dict[str, ObjectInfo]] | None:
         return self.meta.get("L\0" + path)  # type: ignore[no-any-return]
@@ -116,18 +121,29 @@ class DiskCache:
         earlier for the same version has them, so it is used instead.
         """
         now = fetched_at or time.time()
-        merged = []
+        merged: dict[str, ObjectInfo] = {}
         with self.meta.transact():
             for info in infos:
                 old = self.meta.get("S\0" + info.path)
-                if old is not None and old[1] is not None and version_of(old[1]) == version_of(info):
-                    merged.append(old[1] if info.mode is None else info)
+                if old is not None and old[0] > now:
+                    # Observed after this listing started (a change this mount made): it wins.
+                    if old[1] is not None:
+                        merged[info.name] = old[1]
+                elif old is not None and old[1] is not None and version_of(old[1]) == version_of(info):
+                    merged[info.name] = old[1] if info.mode is None else info
                 else:
-                    merged.append(info)
+                    merged[info.name] = info
                     if old is not None:
                         self.meta.delete("S\0" + info.path)  # stale
-            self.meta.set("L\0" + path, (now, {i.name: i for i in merged}))
-        return merged
+            # Entries this mount created after the listing started are not in it yet.
+            previous = self.meta.get("L\0" + path)
+            if previous is not None:
+                for name, info in previous[1].items():
+                    own = self.meta.get("S\0" + info.path)
+                    if name not in merged and own is not None and own[0] > now and own[1] is not None:
+                        merged[name] = own[1]
+            self.meta.set("L\0" + path, (now, merged))
+        return sorted(merged.values(), key=lambda i: i.name)
 
     def record(self, path: str, info: ObjectInfo | None) -> None:
         """Write-through of a change made by this mount: update the stat and the parent listing."""

@@ -148,11 +148,12 @@ class Remote:
             return cached[1]
         if not self.health.online:
             raise self._offline_error(path or "/")
+        started = time.time()  # cache entries are stamped with when they were observed
         try:
             info = await self.guarded(self.backend.stat, path, timeout=self.settings.timeout)
         except NotFound:
             if self.cache is not None:
-                await self.in_cache(self.cache.put_stat, path, None)
+                await self.in_cache(self.cache.put_stat, path, None, started)
             raise
         except OmniError as exc:
             if is_unavailable(exc) and cached is not None:
@@ -161,7 +162,7 @@ class Remote:
                 return cached[1]
             raise
         if self.cache is not None:
-            await self.in_cache(self.cache.put_stat, path, info)
+            await self.in_cache(self.cache.put_stat, path, info, started)
         return info
 
     async def list(self, path: str, *, allow_cached: bool = True) -> list[ObjectInfo]:
@@ -171,6 +172,7 @@ class Remote:
             return sorted(cached[1].values(), key=lambda i: i.name)
         if not self.health.online:
             raise self._offline_error(path or "/")
+        started = time.time()
         try:
             infos = await self.guarded(self.backend.list, path, timeout=self.settings.timeout * 6)
         except OmniError as exc:
@@ -180,7 +182,7 @@ class Remote:
                 await self.in_cache(self.cache.forget_tree, path)
             raise
         if self.cache is not None:
-            infos = await self.in_cache(self.cache.put_listing, path, infos)
+            infos = await self.in_cache(self.cache.put_listing, path, infos, started)
         return infos
 
     async def cached_listing(self, path: str) -> dict[str, ObjectInfo] | None:

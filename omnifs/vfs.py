@@ -452,7 +452,10 @@ class VFS:
             current = await self.remote.guarded(self.backend.stat, path, timeout=self.remote.settings.timeout)
         except NotFound:
             return None  # deleted elsewhere: our upload recreates it
-        return current if version_key(current) != base else None
+        if version_key(current) == base:
+            return None
+        log.info("%s: remote version %s, ours was based on %s", path, version_key(current), base)
+        return current
 
     async def _keep_both(self, node: Node, staged: StagedFile, theirs: ObjectInfo) -> None:
         """Another writer changed the file since we read it: upload ours beside theirs.

@@ -81,3 +81,26 @@ def test_open_files_chunks_are_protected_from_eviction(tmp_path: Path) -> None:
         assert len(c.pinned) == 0 and c.get_chunk("open.bin", "v1", 0) == b"o" * 500_000
     finally:
         c.close()
+
+
+def test_a_listing_started_before_our_change_never_hides_it(tmp_path: Path) -> None:
+    """A LIST in flight while this mount writes must not bring back the old version (a race seen in CI)."""
+    import time
+
+    c = DiskCache(tmp_path / "c", CacheSettings())
+    try:
+        started = time.time()
+        c.record("d/new", _info("d/new", "e2"))  # our upload lands while the LIST runs
+        c.record("d/gone", None)  # and our delete
+        merged = c.put_listing("d", [_info("d/new", "e1"), _info("d/gone", "e1")], started)
+        assert [(i.name, i.etag) for i in merged] == [("new", "e2")]
+        assert c.get_stat("d/new")[1].etag == "e2"  # type: ignore[index]
+        assert c.get_stat("d/gone")[1] is None  # type: ignore[index]
+        c.put_stat("d/new", _info("d/new", "e1"), started)  # a slow HEAD from before: ignored
+        assert c.get_stat("d/new")[1].etag == "e2"  # type: ignore[index]
+        # A created entry the in-flight listing did not include yet stays listed.
+        c.record("d/created", _info("d/created", "e5"))
+        merged = c.put_listing("d", [_info("d/new", "e2")], started)
+        assert sorted(i.name for i in merged) == ["created", "new"]
+    finally:
+        c.close()
