@@ -23,16 +23,20 @@ TRIALS = 50
 WRITER = r"""
 import hashlib, os, sys
 root = sys.argv[1]
+dev = os.stat(root).st_dev  # the mount's device: once it changes, the mount is gone
 i = 0
 while True:
     name = f"t{sys.argv[2]}-{i:04d}.bin"
     data = hashlib.sha256(name.encode()).digest() * (1 + i % 40) * 64
     try:
         with open(os.path.join(root, name), "wb") as f:
+            on_mount = os.fstat(f.fileno()).st_dev == dev
             f.write(data)
     except OSError:
         break
-    print(name, flush=True)  # printed only after close() returned
+    if not on_mount:
+        break  # auto_unmount removed the dead mount: this landed in the plain directory below
+    print(name, flush=True)  # printed only after close() returned on the mount
     i += 1
 """
 
@@ -57,7 +61,11 @@ def test_kill_9_at_random_points_loses_no_closed_file(
         )
         time.sleep(rnd.uniform(0.05, 0.6))
         m.kill()  # SIGKILL, then a lazy unmount of what the crash left
-        out, _ = writer.communicate(timeout=30)
+        try:
+            out, _ = writer.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            writer.kill()
+            out, _ = writer.communicate()
         closed += out.split()
     # One more mount recovers every pending upload; flush pushes them now.
     m = mounter(remote)
