@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -118,6 +117,15 @@ class Bench:
         self.s3: S3Server | None = None
         self.sshd: SSHServer | None = None
         self.configs = self._select()
+        # Resolved once: the exported tree and the reported commit stay the same if HEAD moves during the run.
+        self.omnifs_rev: str | None = None
+        if args.omnifs_rev:
+            self.omnifs_rev = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--verify", f"{args.omnifs_rev}^{{commit}}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         self.data = RunData(self.sizes, self.passes, cf.BASELINE, [c.name for c in self.configs])
         self.data.descriptions = {c.name: c.describe() for c in self.configs}
         self.data.command = "scripts/bench " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "scripts/bench"
@@ -156,8 +164,8 @@ class Bench:
             sshd=self.sshd,
             sftp_root=self.workdir / "sftp-backend",
         )
-        if self.args.omnifs_rev:
-            b.omnifs_src = self.export_omnifs(self.args.omnifs_rev)
+        if self.omnifs_rev:
+            b.omnifs_src = self.export_omnifs(self.omnifs_rev)
         b.write_client_files()
         return b
 
@@ -193,9 +201,9 @@ class Bench:
                 log.warning("skipping %s: %s", c.name, why)
             else:
                 active.append(c)
-        self.data.versions = versions(REPO, self.s3.version() if self.s3 else None, self.args.omnifs_rev)
+        self.data.versions = versions(REPO, self.s3.version() if self.s3 else None, self.omnifs_rev)
         listing = big = ""
-        big_data = random.Random(8).randbytes(self.sizes.big_mib * MiB)
+        big_data = os.urandom(self.sizes.big_mib * MiB)
         for p in range(self.passes):
             listing, big = f"list-p{p + 1}", f"data-p{p + 1}/big.bin"
             for kind, store in stores.items():
@@ -312,7 +320,7 @@ class Bench:
         return 0 if self.data.results.get(cf.BASELINE) else 1
 
     def cleanup(self) -> None:
-        """Unmount anything left under the scratch directory, stop the servers, remove scratch data."""
+        """Unmount anything left under the scratch directory, stop the servers, keep the logs, remove scratch data."""
         mnt = self.workdir / "mnt"
         if mnt.is_dir():
             for d in mnt.iterdir():
@@ -321,6 +329,11 @@ class Bench:
             self.s3.stop()
         if self.sshd is not None:
             self.sshd.stop()
+        logs = self.workdir / "logs"
+        if logs.is_dir():
+            keep = RAW_JSON.parent / "logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(logs, keep)
         if self.own_workdir:
             still = [d for d in (mnt.iterdir() if mnt.is_dir() else []) if mounted_fstype(d)]
             if still:
