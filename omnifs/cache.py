@@ -23,13 +23,13 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import diskcache
 
-from omnifs.backends.base import ObjectInfo, basename, parent_of, version_key
+from omnifs.backends.base import ObjectInfo, basename, join, parent_of, version_key
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,52 @@ class DiskCache:
                 else:
                     entries[basename(path)] = info
                 self.meta.set(key, (fetched, entries))
+
+    def move_tree(self, old: str, new: str) -> None:
+        """Re-key cached metadata at and below ``old`` to ``new`` (a rename made while offline).
+
+        Parent listings are not touched: the caller records ``old`` as gone and
+        ``new`` as present.  Cached data and pins move along, so what was
+        readable offline stays readable under the new name.
+        """
+
+        def moved(path: str) -> str | None:
+            return new + path[len(old) :] if path == old or path.startswith(old + "/") else None
+
+        for store in (self.data, self.pinned):
+            for key in list(store.iterkeys()):
+                version, _, rest = key.partition("\0")
+                path, _, index = rest.rpartition("\0")
+                target = moved(path)
+                if target is not None:
+                    value = store.get(key)
+                    if value is not None:
+                        store.set(f"{version}\0{target}\0{index}", value)
+                    store.delete(key)
+        for pinned in self.pinned_paths():
+            target = moved(pinned)
+            if target is not None:
+                self.meta.set("P\0" + target, self.meta.get("P\0" + pinned))
+                self.meta.delete("P\0" + pinned)
+        with self.meta.transact():
+            moved = []
+            for key in list(self.meta.iterkeys()):
+                if not isinstance(key, str) or key[:2] not in ("S\0", "L\0"):
+                    continue
+                path = key[2:]
+                if path == old or path.startswith(old + "/"):
+                    moved.append((key, self.meta.get(key)))
+                    self.meta.delete(key)
+            for key, value in moved:
+                if value is None:
+                    continue
+                fetched, payload = value
+                path = new + key[2 + len(old) :]
+                if key.startswith("S"):
+                    payload = None if payload is None else replace(payload, path=path)
+                else:
+                    payload = {name: replace(info, path=join(path, name)) for name, info in payload.items()}
+                self.meta.set(key[:2] + path, (fetched, payload))
 
     def forget_listing(self, path: str) -> None:
         self.meta.delete("L\0" + path)

@@ -84,6 +84,8 @@ class Remote:
         self._open: dict[str, int] = {}
         # The last few chunks, in memory: sequential kernel reads (128 KiB) hit a chunk many times.
         self._hot: OrderedDict[str, bytes] = OrderedDict()
+        self._gate: Callable[[], Awaitable[bool]] | None = None
+        self._probe_now = trio.Event()
 
     # --- plumbing ---------------------------------------------------------------------
     async def in_cache(self, fn: Callable[..., T], *args: Any) -> T:
@@ -307,23 +309,47 @@ class Remote:
     # --- background -------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve background work (probe, read-ahead) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._probe_loop)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._probe_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def set_online_gate(self, gate: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``gate`` when an offline backend answers again; it comes online only if it returns True.
+
+        The VFS replays its namespace journal here, so nothing is served from
+        the backend before the changes made while it was away have reached it.
+        """
+        self._gate = gate
+
+    def probe_soon(self) -> None:
+        """Probe an offline backend now instead of at the next interval."""
+        self._probe_now.set()
+
+    async def reconnect(self) -> bool:
+        """Probe the backend once; if it answers (and the gate passes), mark it online.  True when online."""
+        if self.health.online:
+            return True
+        try:
+            await self.guarded(self.backend.stat, "", timeout=self.settings.timeout)
+        except OmniError as exc:
+            self.health.last_error = str(exc)
+            return False
+        if self._gate is not None and not await self._gate():
+            return False
+        self.mark_online()
+        return True
 
     async def _probe_loop(self) -> None:
         while True:
-            await trio.sleep(self.settings.probe_interval)
-            if self.health.online:
-                continue
-            try:
-                await self.guarded(self.backend.stat, "", timeout=self.settings.timeout)
-            except OmniError as exc:
-                self.health.last_error = str(exc)
-                continue
-            self.mark_online()
+            with trio.move_on_after(self.settings.probe_interval):
+                await self._probe_now.wait()
+            self._probe_now = trio.Event()
+            await self.reconnect()
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Run ``fn`` in the background nursery; False when not running."""

@@ -15,8 +15,11 @@ When the backend is offline, metadata and data come from the disk cache, and
 an upload that cannot happen is deferred: the staged copy and its record are
 fsynced, ``close``/``fsync`` succeed, and the upload is retried in the
 background until it succeeds (also after a restart: see ``staging.recover``).
-Namespace changes (mkdir, rename, unlink, ...) need the backend and fail with
-EIO while it is offline.
+Namespace changes (mkdir, rename, unlink, ...) made while the backend is away
+are checked against the cached view, applied to it, and appended to the
+durable namespace journal (``journal.py``); the journal is replayed in order
+before the backend is treated as online again, so uploads always follow the
+namespace changes that preceded them.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ from omnifs.errors import (
     NameTooLong,
     NoSuchAttribute,
     NotADirectory,
+    NotEmpty,
     NotFound,
     NotSupported,
     OmniError,
 )
 from omnifs.inodes import Attr, InodeTable, Node
+from omnifs.journal import Journal, OpKind, attrs_dict
 from omnifs.remote import Remote, VersionChanged, is_unavailable
 from omnifs.staging import StagedFile, StagingArea
 
@@ -127,6 +132,12 @@ class DirHandle:
     entries: list[ObjectInfo] | None = None
 
 
+async def _applied(fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+    """Call ``fn`` and answer True: tells an applied change from a journaled one (None)."""
+    await fn(*args)
+    return True
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -154,10 +165,14 @@ class VFS:
         staging: StagingArea,
         options: VfsOptions | None = None,
         kernel: KernelNotifier | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.remote = remote
         self.backend: Backend = remote.backend
         self.staging = staging
+        self.journal = journal or Journal(staging.directory.parent / "journal")
+        self._calls_in_flight = 0  # backend changes still running after their caller stopped waiting
+        self._calls_idle = trio.Event()
         self.opts = options or VfsOptions()
         self.kernel: KernelNotifier = kernel or NoKernel()
         now = _now()
@@ -274,11 +289,132 @@ class VFS:
         self._ingest(info)
         return node
 
-    async def _mutate(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run a backend change; fails fast with EIO while the backend is offline."""
-        if not self.remote.health.online:
-            raise BackendUnavailable(f"backend {self.backend.name} is offline; changes need it")
-        return await self.remote.guarded(fn, *args)
+    def _direct(self) -> bool:
+        """True when changes go straight to the backend: it is online and nothing is journaled ahead."""
+        return self.remote.health.online and not self.journal.pending
+
+    async def _change(
+        self,
+        kind: OpKind,
+        path: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        check: Callable[[], Awaitable[None]] | None = None,
+        **fields: Any,
+    ) -> T | None:
+        """Apply a namespace change on the backend, or journal it while the backend is away.
+
+        Returns the backend's answer, or None when the change was journaled:
+        ``check`` first validated it against the cached view (raising what the
+        backend would have), and the caller must then apply it to that view.
+        The journal entry is on disk before this returns.
+        """
+        if self._direct():
+            try:
+                return await self._direct_call(fn, *args, slow=kind == "rename")
+            except OmniError as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("%s %s: backend unavailable (%s); journaling the change", kind, path, exc)
+        if check is not None:
+            await check()
+        await self.journal.append(kind, path, **fields)
+        if self.remote.health.online:
+            self.remote.mark_offline("changes are journaled until the backend takes them")
+        self.remote.probe_soon()
+        return None
+
+    async def _direct_call(self, fn: Callable[..., Awaitable[T]], *args: Any, slow: bool = False) -> T:
+        """Make a backend change, waiting at most the mount's timeout for the answer.
+
+        The call itself is never abandoned: it runs to its end in the
+        background, and the journal is not replayed before every such call has
+        ended, so a late answer can never overtake a replayed change.  Past the
+        timeout this raises BackendUnavailable and the caller journals the change
+        (replaying it is harmless: changes are idempotent).
+        """
+        outcome: dict[str, Any] = {}
+        finished = trio.Event()
+
+        async def call() -> None:
+            self._calls_in_flight += 1
+            try:
+                outcome["value"] = await self.remote.guarded(fn, *args)
+            except Exception as exc:
+                outcome["error"] = exc
+            finally:
+                self._calls_in_flight -= 1
+                finished.set()
+                if not self._calls_in_flight:
+                    self._calls_idle.set()
+
+        if not self.remote.start_soon(call):  # no background nursery (unit tests): just wait
+            return await self.remote.guarded(fn, *args)
+        self._calls_idle = trio.Event() if self._calls_in_flight == 0 else self._calls_idle
+        limit = self.remote.settings.timeout * (6 if slow else 1)
+        with trio.move_on_after(limit):
+            await finished.wait()
+        if not finished.is_set():
+            self.remote.mark_offline(f"no answer within {limit:g} s")
+            raise BackendUnavailable(f"{self.backend.name}: no answer within {limit:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
+
+    async def _replay_journal(self) -> bool:
+        """Replay journaled changes (the backend answered again); True once none is left."""
+        if not self.journal.pending:
+            return True
+        if self._calls_in_flight:
+            log.info("waiting for %d unanswered backend call(s) before replaying the journal", self._calls_in_flight)
+            with trio.move_on_after(600):
+                await self._calls_idle.wait()
+            if self._calls_in_flight:
+                log.error("%d backend call(s) still unanswered after 600 s; replaying anyway", self._calls_in_flight)
+        count = len(self.journal)
+        done = await self.journal.replay(self.backend, self.remote.guarded)
+        if done:
+            log.warning("replayed %d journaled change(s) on %s", count, self.backend.name)
+        return done
+
+    async def _require_absent(self, path: str) -> None:
+        if await self._kind_at(path) is not None:
+            raise AlreadyExists(path)
+
+    async def _require_empty_dir(self, path: str) -> None:
+        """Raise what rmdir would for ``path``, judged from the cached view."""
+        kind = await self._kind_at(path)
+        if kind is None:
+            raise NotFound(path)
+        if kind != "dir":
+            raise NotADirectory(path)
+        listing = await self.remote.cached_listing(path)
+        if listing is None:
+            raise BackendUnavailable(f"{path}: backend {self.backend.name} is offline and this is not cached")
+        if listing or self._pending_children(path):
+            raise NotEmpty(path)
+
+    def _pending_children(self, path: str) -> list[ObjectInfo]:
+        """Files in directory ``path`` whose content exists only here (not uploaded yet)."""
+        out = {}
+        for node in self.table.nodes():
+            if node.authoritative and not node.unlinked and node.path and parent_of(node.path) == path:
+                a = node.attr
+                out[node.path] = ObjectInfo(
+                    node.path, "file", a.size, a.mtime_ns, mode=a.mode & 0o7777, uid=a.uid, gid=a.gid
+                )
+        for rpath, (staged, record) in self._recovered.items():
+            if parent_of(rpath) == path and rpath not in out:
+                out[rpath] = ObjectInfo(
+                    rpath,
+                    "file",
+                    staged.size,
+                    record.get("mtime_ns") or 0,
+                    mode=record.get("mode"),
+                    uid=record.get("uid"),
+                    gid=record.get("gid"),
+                )
+        return list(out.values())
 
     def _touch_dir(self, path: str) -> None:
         """Mark a directory's attributes stale after a change inside it."""
@@ -566,7 +702,11 @@ class VFS:
         )
         if not change.is_empty():
             if not node.authoritative and not node.unlinked and self.backend.capabilities.posix_attrs:
-                info = await self._mutate(self.backend.set_attrs, node.path, change)
+                info = await self._change(
+                    "set_attrs", node.path, self.backend.set_attrs, node.path, change, attrs=attrs_dict(change)
+                )
+                if info is None:  # journaled: the cached view gets the new attributes
+                    info = self._info_of(node, change)
                 node.attr.etag = info.etag
                 node.info = info
                 if node.staged is not None:
@@ -617,7 +757,14 @@ class VFS:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
         perms = mode & ~ctx.umask & 0o7777
-        info = await self._mutate(self.backend.mkdir, path, SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid))
+        attrs = SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid)
+
+        async def check() -> None:
+            await self._require_absent(path)
+
+        info = await self._change(
+            "mkdir", path, self.backend.mkdir, path, attrs, check=check, attrs=attrs_dict(attrs)
+        ) or ObjectInfo(path, "dir", 0, _now(), mode=perms, uid=ctx.uid, gid=ctx.gid)
         await self.remote.record(path, info)
         await self.remote.record_listing(path, [])
         node = self._ingest(info)
@@ -630,7 +777,22 @@ class VFS:
         path = self._child_path(parent, name)
         if not self.backend.capabilities.symlinks:
             raise NotSupported(f"{self.backend.type_name} has no symlinks")
-        info = await self._mutate(self.backend.symlink, path, target, SetAttrs(uid=ctx.uid, gid=ctx.gid))
+        attrs = SetAttrs(uid=ctx.uid, gid=ctx.gid)
+
+        async def check() -> None:
+            await self._require_absent(path)
+
+        info = await self._change(
+            "symlink",
+            path,
+            self.backend.symlink,
+            path,
+            target,
+            attrs,
+            check=check,
+            target=target,
+            attrs=attrs_dict(attrs),
+        ) or ObjectInfo(path, "symlink", len(target.encode()), _now(), uid=ctx.uid, gid=ctx.gid, target=target)
         await self.remote.record(path, info)
         node = self._ingest(info)
         node.lookups += 1
@@ -646,8 +808,16 @@ class VFS:
             raise IsADirectory(path)
         if node is not None and node.open_count > 0 and node.kind == "file":
             await self._ensure_staged(node, truncate=False)
+
+        async def check() -> None:
+            kind = await self._kind_at(path)
+            if kind is None and (node is None or not node.authoritative):
+                raise NotFound(path)
+            if kind == "dir":
+                raise IsADirectory(path)
+
         try:
-            await self._mutate(self.backend.delete, path)
+            await self._change("delete", path, self.backend.delete, path, check=check)
         except NotFound:
             if node is None or not node.authoritative:
                 raise
@@ -666,8 +836,14 @@ class VFS:
     async def rmdir(self, parent_inode: int, name: str) -> None:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
-        await self._mutate(self.backend.rmdir, path)
-        await self.remote.forget_tree(path)
+
+        async def check() -> None:
+            await self._require_empty_dir(path)
+
+        if await self._change("rmdir", path, _applied, self.backend.rmdir, path, check=check):
+            await self.remote.forget_tree(path)
+        elif self.remote.cache is not None:  # journaled: keep the parent's cached listing (the offline view)
+            await self.remote.in_cache(self.remote.cache.forget_tree, path)
         await self.remote.record(path, None)
         node = self.table.by_path(path)
         if node is not None:
@@ -691,8 +867,6 @@ class VFS:
             raise InvalidArgument("RENAME_EXCHANGE is not supported")
         if not self.backend.capabilities.rename:
             raise NotSupported(f"{self.backend.type_name} cannot rename")
-        if not self.remote.health.online:
-            raise BackendUnavailable(f"backend {self.backend.name} is offline; rename needs it")
         pold, pnew = self.node(old_parent), self.node(new_parent)
         old, new = self._child_path(pold, old_name), self._child_path(pnew, new_name)
         if old == new:
@@ -710,16 +884,17 @@ class VFS:
                 raise NotADirectory(new)
             if src_kind != "dir" and dst_kind == "dir":
                 raise IsADirectory(new)
+            if dst_kind == "dir" and not self._direct():
+                await self._require_empty_dir(new)  # the backend would refuse a non-empty one
             victim = self.table.by_path(new)
             if victim is not None and victim.open_count > 0 and victim.kind == "file":
                 await self._ensure_staged(victim, truncate=False)
-        # Pending data must reach the backend under the old name before it moves.
-        for node in self.table.nodes():
-            if node.path == old or node.path.startswith(old + "/"):
-                await self._sync(node, defer=False)
-        await self._mutate(self.backend.rename, old, new)
-        await self.remote.forget_tree(old)
-        await self.remote.forget_tree(new)
+        journaled = not await self._rename_on_backend(old, new)
+        if journaled:
+            await self._move_cached(old, new)
+        else:
+            await self.remote.forget_tree(old)
+            await self.remote.forget_tree(new)
         victim = self.table.by_path(new)
         if victim is not None:
             self._unschedule(victim)
@@ -727,6 +902,12 @@ class VFS:
         for node in self.table.nodes():
             if node.staged is not None and (node.path == new or node.path.startswith(new + "/")):
                 node.staged.base_version = None  # a server-side copy may have changed the etag
+                if journaled and node.staged.recorded:
+                    # Pending data now belongs under the new name, also after a crash.
+                    await node.staged.write_record(self._record_of(node), durable=True)
+        if journaled:
+            await self._move_recovered(old, new)
+            self._follow_cached_data(new)
         moved = self.table.by_path(new)
         if moved is not None:
             moved.attr.ctime_ns = _now()
@@ -734,14 +915,99 @@ class VFS:
         self._touch_dir(pold.path)
         self._touch_dir(pnew.path)
 
+    async def _rename_on_backend(self, old: str, new: str) -> bool:
+        """Rename on the backend (True), or journal the rename while it is away (False).
+
+        Pending data under ``old`` is uploaded first, so the backend moves the
+        latest content; if that cannot happen the rename is journaled instead
+        and the pending data follows the new name.
+        """
+        if self._direct():
+            try:
+                for node in self.table.nodes():
+                    if node.path == old or node.path.startswith(old + "/"):
+                        await self._sync(node, defer=False)
+            except OmniError as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("rename %s: pending data could not be uploaded (%s); journaling the rename", old, exc)
+                self.remote.mark_offline(exc)
+        return bool(await self._change("rename", old, _applied, self.backend.rename, old, new, dst=new))
+
+    async def _move_cached(self, old: str, new: str) -> None:
+        """Apply a journaled rename to the cached view (listings and stats)."""
+        try:
+            info = await self.remote.stat(old)
+        except OmniError:
+            info = None
+        cache = self.remote.cache
+        if cache is not None:
+            await self.remote.in_cache(cache.move_tree, old, new)
+        await self.remote.record(old, None)
+        if info is not None:
+            from dataclasses import replace
+
+            await self.remote.record(new, replace(info, path=new))
+
+    async def _move_recovered(self, old: str, new: str) -> None:
+        """Re-key files recovered from an earlier run (not yet looked up) that a journaled rename moved."""
+        for path in [p for p in self._recovered if p == old or p.startswith(old + "/")]:
+            staged, record = self._recovered.pop(path)
+            record = {**record, "path": new + path[len(old) :], "base_version": None}
+            staged.base_version = None
+            await staged.write_record(record, durable=True)
+            self._recovered[record["path"]] = (staged, record)
+
+    def _follow_cached_data(self, new: str) -> None:
+        """After a journaled rename, nodes and handles below ``new`` read cached data under their new path."""
+        from dataclasses import replace
+
+        def under(path: str) -> bool:
+            return path == new or path.startswith(new + "/")
+
+        for node in self.table.nodes():
+            if node.info is not None and under(node.path):
+                node.info = replace(node.info, path=node.path)
+        for h in self._handles.values():
+            if h.info is not None and under(h.node.path):
+                h.info = replace(h.info, path=h.node.path)
+
+    def _info_of(self, node: Node, change: SetAttrs) -> ObjectInfo:
+        """``node``'s backend info with ``change`` applied (for a journaled attribute change)."""
+        from dataclasses import replace
+
+        a = node.attr
+        base = node.info or ObjectInfo(node.path, node.kind, a.size, a.mtime_ns)  # type: ignore[arg-type]
+        return replace(
+            base,
+            path=node.path,
+            mode=change.mode if change.mode is not None else a.mode & 0o7777,
+            uid=change.uid if change.uid is not None else a.uid,
+            gid=change.gid if change.gid is not None else a.gid,
+            mtime_ns=change.mtime_ns if change.mtime_ns is not None else a.mtime_ns,
+        )
+
     # --- files -------------------------------------------------------------------------
     async def create(self, parent_inode: int, name: str, mode: int, flags: int, ctx: Ctx) -> tuple[Handle, Node]:
-        """Create an empty file and open it; the file exists on the backend at once."""
+        """Create an empty file and open it.
+
+        Online the file exists on the backend at once.  While the backend is
+        away it exists here only, as pending data uploaded once it is back.
+        """
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
         perms = mode & ~ctx.umask & 0o7777
         attrs = SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid)
-        info = await self._mutate(self.backend.write, path, io.BytesIO(b""), attrs)
+        info: ObjectInfo | None = None
+        if self._direct():
+            try:
+                info = await self._direct_call(self.backend.write, path, io.BytesIO(b""), attrs)
+            except OmniError as exc:
+                if not is_unavailable(exc):
+                    raise
+        if info is None:
+            await self._require_absent(path)
+            return await self._create_pending(parent, path, perms, flags, ctx)
         await self.remote.record(path, info)
         node = self._ingest(info)
         if node.attr.mode & 0o7777 != perms or node.attr.uid != ctx.uid or node.attr.gid != ctx.gid:
@@ -756,6 +1022,22 @@ class VFS:
         node.lookups += 1
         node.open_count += 1
         node.kernel_cache_key = (info.etag, 0, node.attr.mtime_ns)
+        self._touch_dir(parent.path)
+        return self._new_handle(node, flags), node
+
+    async def _create_pending(self, parent: Node, path: str, perms: int, flags: int, ctx: Ctx) -> tuple[Handle, Node]:
+        """Create a file that exists only here until its upload (the backend is away)."""
+        now = _now()
+        info = ObjectInfo(path, "file", 0, now, mode=perms, uid=ctx.uid, gid=ctx.gid)
+        staged = await self.staging.create()
+        node = self.table.ensure(info, Attr.from_info(info, ctx.uid, ctx.gid), time.monotonic())
+        node.info = None  # nothing on the backend yet: reads come from the staged copy
+        node.partial = False
+        node.staged = staged
+        await self._dirtied(node, staged)
+        await self.remote.record(path, info)
+        node.lookups += 1
+        node.open_count += 1
         self._touch_dir(parent.path)
         return self._new_handle(node, flags), node
 
@@ -882,7 +1164,11 @@ class VFS:
         if dh is None:
             raise OmniError(f"bad directory handle {fh}", errno=errno.EBADF)
         if start == 0 or dh.entries is None:
-            dh.entries = await self.remote.list(dh.node.path)
+            entries = await self.remote.list(dh.node.path)
+            listed = {info.path for info in entries}
+            # Files whose first upload is still pending are not on the backend yet.
+            extra = [i for i in self._pending_children(dh.node.path) if i.path not in listed]
+            dh.entries = sorted(entries + extra, key=lambda i: i.name) if extra else entries
         for index in range(start, len(dh.entries)):
             info = dh.entries[index]
             node = self._ingest(info)
@@ -953,7 +1239,9 @@ class VFS:
             return
         self._check_xattr(name)
         node = self.node(inode)
-        await self._mutate(self.backend.set_xattr, node.path, name, value)
+        await self._change(
+            "set_xattr", node.path, self.backend.set_xattr, node.path, name, value, name=name, value=value
+        )
         node.attr.ctime_ns = _now()
 
     async def removexattr(self, inode: int, name: str) -> None:
@@ -962,7 +1250,7 @@ class VFS:
             return
         self._check_xattr(name)
         node = self.node(inode)
-        await self._mutate(self.backend.set_xattr, node.path, name, None)
+        await self._change("set_xattr", node.path, self.backend.set_xattr, node.path, name, None, name=name)
         node.attr.ctime_ns = _now()
 
     # --- pinning ---------------------------------------------------------------------------------
@@ -999,8 +1287,14 @@ class VFS:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the background tasks (probe, read-ahead, polling, upload retries) until cancelled."""
         async with trio.open_nursery() as nursery:
+            self.remote.set_online_gate(self._replay_journal)
+            if self.journal.pending and self.remote.health.online:
+                # Nothing is served from the backend before these changes reach it.
+                self.remote.mark_offline(f"{len(self.journal)} journaled change(s) to replay first")
             await nursery.start(self.remote.run)
             self.remote.on_online(self.retry_deferred)
+            if self.journal.pending:
+                self.remote.probe_soon()
             nursery.start_soon(self._upload_loop)
             if self.opts.poll_interval > 0:
                 nursery.start_soon(self._poll_loop)
@@ -1111,8 +1405,13 @@ class VFS:
 
     # --- lifetime ------------------------------------------------------------------------------
     async def drain(self) -> list[str]:
-        """Upload every pending file now; return the paths still pending (kept on disk for next time)."""
+        """Replay the journal and upload every pending file now; return what is still pending.
+
+        What is left stays on disk (journal and staging) and resumes at the next mount.
+        """
         pending = []
+        if not self.remote.health.online or self.journal.pending:
+            await self.remote.reconnect()
         for node in self.table.nodes():
             staged = node.staged
             if staged is None or not staged.dirty or node.unlinked or staged.broken:
@@ -1129,10 +1428,12 @@ class VFS:
         if self.remote.health.online:
             await self._upload_recovered()
         pending.extend(self._recovered)
+        if self.journal.pending:
+            pending.append(f"({len(self.journal)} journaled change(s))")
         return sorted(set(pending))
 
     def pending_uploads(self) -> int:
-        return len(self._due) + len(self._recovered)
+        return len(self._due) + len(self._recovered) + len(self.journal)
 
     def queue_stats(self) -> dict[str, Any]:
         """Upload queue figures for ``omnifs status``."""
@@ -1143,5 +1444,7 @@ class VFS:
             "pending_bytes": sum(s.size for s in staged),
             "oldest_age_s": round(max((now - t for t in self._queued_at.values()), default=0.0), 1),
             "retrying": len(self._failures),
+            "journaled": len(self.journal),
+            "journal_refused": self.journal.failures[-20:],
             "conflicts": self.conflicts[-20:],
         }
