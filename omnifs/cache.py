@@ -3,8 +3,8 @@
 Layout under ``~/.cache/omnifs/<remote>/`` (mode 0700), each a ``diskcache``
 (SQLite-backed, transactional, safe across processes and crashes):
 
-- ``meta/``: ``S\\0<path>`` -> (fetched_at, ObjectInfo or None for "absent"),
-  ``L\\0<dir>`` -> (fetched_at, {name: ObjectInfo}), ``P\\0<path>`` -> pinned marker.
+- ``metadata.sqlite``: stat results and listings, one row per entry (``metacache.py``);
+- ``meta/``: ``P\\0<path>`` -> pinned marker.
 - ``data/``: ``<version>\\0<path>\\0<chunk>`` -> bytes, evicted least-recently-used
   once the size cap is reached.
 - ``pinned/``: the same keys for pinned files, never evicted.
@@ -23,13 +23,14 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import diskcache
 
-from omnifs.backends.base import ObjectInfo, basename, join, parent_of, version_key
+from omnifs.backends.base import ObjectInfo, version_key
+from omnifs.metacache import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class DiskCache:
         os.chmod(directory, 0o700)
         common: dict[str, Any] = {"statistics": False, "sqlite_mmap_size": 0}
         self.meta = diskcache.Cache(str(directory / "meta"), eviction_policy="none", size_limit=1 << 62, **common)
+        self.metadata = MetadataStore(directory / "metadata.sqlite")
         self.data = diskcache.Cache(
             str(directory / "data"),
             eviction_policy="least-recently-used",
@@ -83,85 +85,31 @@ class DiskCache:
     def close(self) -> None:
         for c in (self.meta, self.data, self.pinned):
             c.close()
+        self.metadata.close()
 
-    # --- metadata -------------------------------------------------------------------
+    # --- metadata (one SQLite row per entry: see metacache.py) ------------------------
     def get_stat(self, path: str) -> tuple[float, ObjectInfo | None] | None:
         """Return (fetched_at, info-or-None-if-absent), derived from the parent listing if needed."""
-        own = self.meta.get("S\0" + path)
-        listing = self.meta.get("L\0" + parent_of(path)) if path else None
-        from_listing = None
-        if listing is not None:
-            fetched, entries = listing
-            from_listing = (fetched, entries.get(basename(path)))
-        if own is None:
-            return from_listing
-        if from_listing is not None and from_listing[0] > own[0]:
-            # A newer listing wins unless it shows the same version (keep the richer stat).
-            info = from_listing[1]
-            if info is None or own[1] is None or version_of(info) != version_of(own[1]):
-                return from_listing
-            return (from_listing[0], own[1])
-        return own  # type: ignore[no-any-return]
+        return self.metadata.get_stat(path)
 
     def put_stat(self, path: str, info: ObjectInfo | None, fetched_at: float | None = None) -> None:
         """Store a stat observed at ``fetched_at``; a newer entry (our own change) is kept."""
-        now = fetched_at or time.time()
-        with self.meta.transact():
-            old = self.meta.get("S\0" + path)
-            if old is None or old[0] <= now:
-                self.meta.set("S\0" + path, (now, info))
+        self.metadata.put_stat(path, info, fetched_at)
 
     def get_listing(self, path: str) -> tuple[float, dict[str, ObjectInfo]] | None:
-        return self.meta.get("L\0" + path)  # type: ignore[no-any-return]
+        return self.metadata.get_listing(path)
 
     def put_listing(self, path: str, infos: list[ObjectInfo], fetched_at: float | None = None) -> list[ObjectInfo]:
-        """Store a listing; return it with entries replaced by richer cached stats of the same version.
-
-        Listings of some backends (S3) lack mode and owner; a stat fetched
-        earlier for the same version has them, so it is used instead.
-        """
-        now = fetched_at or time.time()
-        merged: dict[str, ObjectInfo] = {}
-        with self.meta.transact():
-            for info in infos:
-                old = self.meta.get("S\0" + info.path)
-                if old is not None and old[0] > now:
-                    # Observed after this listing started (a change this mount made): it wins.
-                    if old[1] is not None:
-                        merged[info.name] = old[1]
-                elif old is not None and old[1] is not None and version_of(old[1]) == version_of(info):
-                    merged[info.name] = old[1] if info.mode is None else info
-                else:
-                    merged[info.name] = info
-                    if old is not None:
-                        self.meta.delete("S\0" + info.path)  # stale
-            # Entries this mount created after the listing started are not in it yet.
-            previous = self.meta.get("L\0" + path)
-            if previous is not None:
-                for name, info in previous[1].items():
-                    own = self.meta.get("S\0" + info.path)
-                    if name not in merged and own is not None and own[0] > now and own[1] is not None:
-                        merged[name] = own[1]
-            self.meta.set("L\0" + path, (now, merged))
-        return sorted(merged.values(), key=lambda i: i.name)
+        """Store a listing; return it with entries replaced by richer cached stats of the same version."""
+        return self.metadata.put_listing(path, infos, fetched_at)
 
     def record(self, path: str, info: ObjectInfo | None) -> None:
         """Write-through of a change made by this mount: update the stat and the parent listing."""
-        now = time.time()
-        with self.meta.transact():
-            self.meta.set("S\0" + path, (now, info))
-            if not path:
-                return
-            key = "L\0" + parent_of(path)
-            listing = self.meta.get(key)
-            if listing is not None:
-                fetched, entries = listing
-                entries = dict(entries)
-                if info is None:
-                    entries.pop(basename(path), None)
-                else:
-                    entries[basename(path)] = info
-                self.meta.set(key, (fetched, entries))
+        self.metadata.record(path, info)
+
+    def has_metadata(self) -> bool:
+        """True when anything was ever listed or looked up (a mount can start offline)."""
+        return self.metadata.has_any()
 
     def move_tree(self, old: str, new: str) -> None:
         """Re-key cached metadata at and below ``old`` to ``new`` (a rename made while offline).
@@ -189,38 +137,14 @@ class DiskCache:
             if target is not None:
                 self.meta.set("P\0" + target, self.meta.get("P\0" + pinned))
                 self.meta.delete("P\0" + pinned)
-        with self.meta.transact():
-            moved = []
-            for key in list(self.meta.iterkeys()):
-                if not isinstance(key, str) or key[:2] not in ("S\0", "L\0"):
-                    continue
-                path = key[2:]
-                if path == old or path.startswith(old + "/"):
-                    moved.append((key, self.meta.get(key)))
-                    self.meta.delete(key)
-            for key, value in moved:
-                if value is None:
-                    continue
-                fetched, payload = value
-                path = new + key[2 + len(old) :]
-                if key.startswith("S"):
-                    payload = None if payload is None else replace(payload, path=path)
-                else:
-                    payload = {name: replace(info, path=join(path, name)) for name, info in payload.items()}
-                self.meta.set(key[:2] + path, (fetched, payload))
+        self.metadata.move_tree(old, new)
 
     def forget_listing(self, path: str) -> None:
-        self.meta.delete("L\0" + path)
+        self.metadata.forget_listing(path)
 
     def forget_tree(self, path: str) -> None:
         """Drop cached metadata for ``path`` and everything below it."""
-        prefixes = ("S\0" + path, "L\0" + path)
-        with self.meta.transact():
-            for key in list(self.meta.iterkeys()):
-                if isinstance(key, str) and key.startswith(prefixes):
-                    rest = key[2 + len(path) :]
-                    if rest == "" or rest.startswith("/") or not path:
-                        self.meta.delete(key)
+        self.metadata.forget_tree(path)
 
     # --- pins --------------------------------------------------------------------------
     def pin(self, path: str) -> None:
@@ -329,7 +253,7 @@ class DiskCache:
             "data_chunks": len(self.data),
             "pinned_bytes": int(self.pinned.volume()),
             "pinned_chunks": len(self.pinned),
-            "meta_entries": len(self.meta),
+            "meta_entries": self.metadata.count(),
             "max_size": self.settings.max_size,
         }
 
@@ -346,6 +270,14 @@ def _stores(directory: Path) -> Iterator[tuple[diskcache.Cache, diskcache.Cache,
             s.close()
 
 
+def _metadata_count(directory: Path) -> int:
+    store = MetadataStore(directory / "metadata.sqlite")
+    try:
+        return store.count()
+    finally:
+        store.close()
+
+
 def cache_report(directory: Path) -> dict[str, object]:
     """Usage of the cache in ``directory`` (safe while a mount uses it)."""
     with _stores(directory) as (meta, data, pinned):
@@ -358,7 +290,7 @@ def cache_report(directory: Path) -> dict[str, object]:
             "max_bytes": int(data.size_limit),
             "pinned_bytes": int(pinned.volume()),
             "pinned_paths": pins,
-            "metadata_entries": len(meta),
+            "metadata_entries": _metadata_count(directory),
         }
 
 
@@ -366,6 +298,11 @@ def clear_cache(directory: Path, *, include_pinned: bool = False) -> None:
     """Drop cached data and metadata (pinned data and pins too with ``include_pinned``)."""
     with _stores(directory) as (meta, data, pinned):
         data.clear()
+        store = MetadataStore(directory / "metadata.sqlite")
+        try:
+            store.clear()
+        finally:
+            store.close()
         for key in list(meta.iterkeys()):
             if include_pinned or not (isinstance(key, str) and key.startswith("P\0")):
                 meta.delete(key)

@@ -24,8 +24,9 @@ import trio
 
 from omnifs.backends.base import Backend
 from omnifs.cache import CacheMode, CacheSettings, DiskCache, parse_size
-from omnifs.errors import ConfigError, OmniError
+from omnifs.errors import ConfigError, OmniError, from_oserror
 from omnifs.fuse_ops import FuseOperations, PyfuseNotifier
+from omnifs.journal import Journal
 from omnifs.remote import Remote, RemoteSettings
 from omnifs.staging import StagingArea
 from omnifs.vfs import VFS, VfsOptions
@@ -350,6 +351,35 @@ async def _serve(vfs: VFS, backend: Backend, drain_timeout: float, record: Mount
         await backend.aclose()
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one (systemd's default soft limit is 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def open_state(staging_dir: Path) -> tuple[StagingArea, Journal]:
+    """Open the staging area and the journal, proving they can keep data durably.
+
+    Raises OmniError naming the directory and the cause (EROFS, ENOSPC, EACCES,
+    ...): a mount whose writes could not be kept safe is refused, not started.
+    """
+    try:
+        try:
+            staging = StagingArea(staging_dir)
+            staging.check_writable()
+            return staging, Journal(staging_dir.parent / "journal")
+        except OSError as exc:
+            raise from_oserror(exc, f"cannot keep pending writes in {exc.filename or staging_dir.parent}") from exc
+    except OmniError as exc:
+        raise OmniError(f"{exc}; not mounting, since writes could not be kept safe", errno=exc.errno) from exc
+
+
 def serve(
     backend: Backend,
     mountpoint: str,
@@ -361,7 +391,8 @@ def serve(
 ) -> None:
     """Mount ``backend`` on ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = check_mountpoint(mountpoint)
-    staging = StagingArea(staging_dir)
+    raise_fd_limit()
+    staging, journal = open_state(staging_dir)
     cache = DiskCache(
         cache_dir,
         CacheSettings(
@@ -387,6 +418,7 @@ def serve(
             sync_upload=options.sync_upload,
         ),
         kernel=PyfuseNotifier(),
+        journal=journal,
     )
     ops = FuseOperations(
         vfs,
@@ -403,7 +435,7 @@ def serve(
         try:
             await probe(backend, options.probe_timeout)
         except RemoteUnreachable as exc:
-            if len(cache.meta) == 0:
+            if not cache.has_metadata():
                 raise
             log.warning("remote %s is unreachable (%s); starting offline from the cache", source, exc)
             remote.mark_offline(str(exc))

@@ -42,6 +42,23 @@ class StagingArea:
         os.chmod(directory, 0o700)
         self.limiter = trio.CapacityLimiter(max_threads)
 
+    def check_writable(self) -> None:
+        """Prove that pending data can be made durable here: write, fsync and remove a probe file.
+
+        Raises a domain error naming the directory (EROFS, ENOSPC, EACCES, ...).
+        """
+        probe = self.directory / f".probe-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"omnifs")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            raise from_oserror(exc, f"cannot keep pending writes in {self.directory}") from exc
+
     def recover(self) -> list[tuple[StagedFile, dict[str, Any]]]:
         """Reopen staged files left with pending data by an earlier run; drop clean leftovers."""
         out = []
@@ -59,9 +76,9 @@ class StagingArea:
             except (OSError, ValueError) as exc:
                 log.error("unreadable staging record %s (%s); data kept in %s", record_path, exc, data_path)
                 continue
-            fd = os.open(data_path, os.O_RDWR)
-            staged = StagedFile(self, data_path, fd)
-            staged.size = os.fstat(fd).st_size
+            # Opened lazily: thousands of pending files must not hold thousands of descriptors.
+            staged = StagedFile(self, data_path, None)
+            staged.size = data_path.stat().st_size
             staged.dirty = True
             staged.recorded = True
             base = record.get("base_version")
@@ -89,10 +106,10 @@ class StagingArea:
 class StagedFile:
     """A local copy of one file.  ``lock`` serialises writers against uploads."""
 
-    def __init__(self, area: StagingArea, path: Path, fd: int) -> None:
+    def __init__(self, area: StagingArea, path: Path, fd: int | None) -> None:
         self.area = area
         self.path = path
-        self.fd = fd
+        self._fd = fd
         self.size = 0
         self.dirty = False
         self.lock = trio.Lock()
@@ -101,6 +118,25 @@ class StagedFile:
         self.broken = False  # a write failed: this content must never be uploaded
         self.closed_dirty = False  # holds data a close() already accepted, not yet uploaded
         self.base_version: str | None = None  # remote version this content was based on (None: unknown)
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor of the local copy (opened on first use)."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR)
+            except OSError as exc:
+                raise from_oserror(exc, "staging") from exc
+        return self._fd
+
+    def release_fd(self) -> None:
+        """Close the descriptor while no handle uses the copy (it reopens on demand).
+
+        Only call this with no handle open and no I/O in flight on the copy.
+        """
+        if self._fd is not None and not self.closed and not self.lock.locked():
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def record_path(self) -> Path:
@@ -185,8 +221,11 @@ class StagedFile:
             return
         self.closed = True
 
+        fd, self._fd = self._fd, None
+
         def _close() -> None:
-            os.close(self.fd)
+            if fd is not None:
+                os.close(fd)
             self.path.unlink(missing_ok=True)
             self.record_path.unlink(missing_ok=True)
 

@@ -645,7 +645,8 @@ class VFS:
         if node.open_count > 0:
             return  # reopened while we waited: the new handles use the copy
         if node.staged is not None and node.staged.dirty and not node.unlinked:
-            return  # queued: the upload loop owns it now
+            node.staged.release_fd()  # queued: the upload loop owns it now, and needs no descriptor
+            return
         staged, node.staged = node.staged, None
         self._unschedule(node)
         if staged is not None:

@@ -5,12 +5,19 @@ Real servers, real outages (moto frozen with SIGSTOP, sshd stopped), real kill -
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from tests.mount.conftest import Remote
-from tests.mount.harness import wait_for
+from tests.mount.harness import REPO, isolated_env, mounted_fstype, wait_for
 from tests.mount.test_cache_offline import FAST, _s3_client, backend_bytes, net, outage
 
 __all__ = ["_s3_client", "net"]  # fixtures used here
@@ -102,3 +109,66 @@ def test_kill_9_with_journaled_changes_replays_after_restart(net: Remote, mounte
     assert sorted(os.listdir(m2.path / "archive")) == ["a.txt", "b.txt"]
     journal = Path(net.env["XDG_STATE_HOME"]) / "omnifs"
     assert all(p.stat().st_size == 0 for p in journal.glob("*/journal/ops.log"))
+
+
+def test_unwritable_state_dir_refuses_to_mount(tmp_path: Path, home: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    state = home / ".local" / "state"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)], check=True)
+    try:
+        backend = tmp_path / "backend"
+        backend.mkdir()
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        res = subprocess.run(
+            [sys.executable, "-m", "omnifs", "mount", "--foreground", f"local:{backend}", str(mp)],
+            env=isolated_env(home),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+    assert res.returncode == 1, res.stderr
+    assert mounted_fstype(mp) is None
+    errors = [line for line in res.stderr.splitlines() if line.startswith("omnifs: error:")]
+    assert len(errors) == 1, res.stderr
+    assert str(state / "omnifs") in errors[0]
+    assert "Read-only file system" in errors[0] and "not mounting" in errors[0]
+
+
+def _write_pending(staging: Path, files: dict[str, bytes]) -> None:
+    """Leave pending uploads on disk exactly as a crashed mount leaves them (data + record)."""
+    staging.mkdir(parents=True, mode=0o700)
+    for rel, data in files.items():
+        ident = hashlib.sha1(rel.encode()).hexdigest()
+        (staging / ident).write_bytes(data)
+        record = {"path": rel, "mode": 0o644, "uid": 0, "gid": 0, "mtime_ns": time.time_ns(), "base_version": None}
+        (staging / f"{ident}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_mount_with_10000_pending_uploads_is_usable_at_once(tmp_path: Path, home: Path, mounter) -> None:
+    from omnifs.config import Config, resolve_remote
+
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    remote = Remote("local", f"local:{backend}", isolated_env(home), backend_root=backend)
+    name = resolve_remote(remote.spec, Config(tmp_path / "none.toml")).name
+    files = {f"f{i:05d}.txt": f"pending upload {i}\n".encode() * (1 + i % 7) for i in range(10_000)}
+    _write_pending(home / ".local" / "state" / "omnifs" / name / "staging", files)
+    t0 = time.monotonic()
+    m = mounter(remote, "write_back=60")
+    names = os.listdir(m.path)
+    answered = time.monotonic() - t0
+    pending_then = int(os.getxattr(m.path, "user.omnifs.pending"))
+    assert sorted(names) == sorted(files)  # every pending file is visible before it is uploaded
+    assert (m.path / "f09999.txt").read_bytes() == files["f09999.txt"]
+    assert pending_then > 0, "the queue drained before the first answer: this test proves nothing"
+    print(f"10,000 pending uploads: mounted and listed in {answered:.2f} s with {pending_then} still queued")
+    wait_for(lambda: int(os.getxattr(m.path, "user.omnifs.pending")) == 0, timeout=600, what="drain")
+    for rel, data in files.items():
+        assert (backend / rel).read_bytes() == data, rel
