@@ -25,7 +25,6 @@ namespace changes that preceded them.
 from __future__ import annotations
 
 import errno
-import io
 import itertools
 import logging
 import os
@@ -70,6 +69,7 @@ FLUSH_XATTR = "user.omnifs.flush"  # control attribute: setting it makes every q
 PENDING_XATTR = "user.omnifs.pending"  # read-only: number of uploads still queued
 
 WRITE_CACHE_MAX = 256 << 20  # larger uploads are not copied into the data cache
+ABSENT = ""  # base version of a file created here: it did not exist on the backend
 
 T = TypeVar("T")
 
@@ -377,7 +377,15 @@ class VFS:
             log.warning("replayed %d journaled change(s) on %s", count, self.backend.name)
         return done
 
-    async def _require_absent(self, path: str) -> None:
+    async def _require_absent(self, path: str, *, cached_ok: bool = False) -> None:
+        """AlreadyExists if ``path`` exists (``cached_ok``: a fresh cached answer will do)."""
+        node = self.table.by_path(path)
+        if cached_ok and node is None:
+            try:
+                await self.remote.stat(path)
+            except NotFound:
+                return
+            raise AlreadyExists(path)
         if await self._kind_at(path) is not None:
             raise AlreadyExists(path)
 
@@ -587,7 +595,7 @@ class VFS:
         try:
             current = await self.remote.guarded(self.backend.stat, path, timeout=self.remote.settings.timeout)
         except NotFound:
-            return None  # deleted elsewhere: our upload recreates it
+            return None  # deleted elsewhere (or still absent): our upload (re)creates it
         if version_key(current) == base:
             return None
         log.info("%s: remote version %s, ours was based on %s", path, version_key(current), base)
@@ -990,47 +998,24 @@ class VFS:
 
     # --- files -------------------------------------------------------------------------
     async def create(self, parent_inode: int, name: str, mode: int, flags: int, ctx: Ctx) -> tuple[Handle, Node]:
-        """Create an empty file and open it.
+        """Create an empty file and open it, at local speed (no backend call).
 
-        Online the file exists on the backend at once.  While the backend is
-        away it exists here only, as pending data uploaded once it is back.
+        The file exists here at once (listed from staging) and on the backend
+        after its first upload, like any write (``write_back`` after close).
+        If another client creates the same name meanwhile, both versions are
+        kept (the upload finds the name taken: a conflict copy).
         """
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
-        perms = mode & ~ctx.umask & 0o7777
-        attrs = SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid)
-        info: ObjectInfo | None = None
-        if self._direct():
-            try:
-                info = await self._direct_call(self.backend.write, path, io.BytesIO(b""), attrs)
-            except OmniError as exc:
-                if not is_unavailable(exc):
-                    raise
-        if info is None:
-            await self._require_absent(path)
-            return await self._create_pending(parent, path, perms, flags, ctx)
-        await self.remote.record(path, info)
-        node = self._ingest(info)
-        if node.attr.mode & 0o7777 != perms or node.attr.uid != ctx.uid or node.attr.gid != ctx.gid:
-            # The backend keeps no POSIX attributes: show what the caller asked for.
-            node.attr.mode = stat_mod.S_IFREG | perms
-            node.attr.uid, node.attr.gid = ctx.uid, ctx.gid
-        node.partial = False
-        async with node.stage_lock:
-            if node.staged is None:
-                node.staged = await self.staging.create()
-                node.staged.base_version = version_key(info)
-        node.lookups += 1
-        node.open_count += 1
-        node.kernel_cache_key = (info.etag, 0, node.attr.mtime_ns)
-        self._touch_dir(parent.path)
-        return self._new_handle(node, flags), node
+        await self._require_absent(path, cached_ok=True)
+        return await self._create_pending(parent, path, mode & ~ctx.umask & 0o7777, flags, ctx)
 
     async def _create_pending(self, parent: Node, path: str, perms: int, flags: int, ctx: Ctx) -> tuple[Handle, Node]:
-        """Create a file that exists only here until its upload (the backend is away)."""
+        """Create a file that exists only here until its first upload."""
         now = _now()
         info = ObjectInfo(path, "file", 0, now, mode=perms, uid=ctx.uid, gid=ctx.gid)
         staged = await self.staging.create()
+        staged.base_version = ABSENT  # the upload checks that nobody else created the name meanwhile
         node = self.table.ensure(info, Attr.from_info(info, ctx.uid, ctx.gid), time.monotonic())
         node.info = None  # nothing on the backend yet: reads come from the staged copy
         node.partial = False

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from omnifs.backends.memory import MemoryBackend
+from omnifs.errors import NotFound
 from omnifs.remote import Remote
 from omnifs.staging import StagedFile, StagingArea
 from omnifs.vfs import VFS, Ctx, VfsOptions
@@ -59,7 +60,8 @@ def test_write_back_uploads_once_after_delay_and_drain(tmp_path: Path) -> None:
             h, _ = await vfs.create(ROOT, "doc", 0o600, os.O_WRONLY, CTX)
             await vfs.write(h.fh, 0, b"v1")
             await vfs.release(h.fh)
-            assert await vfs.backend.read("doc", 0, 10) == b""  # not yet: written back later
+            with pytest.raises(NotFound):  # not yet, not even empty: created and written back later
+                await vfs.backend.stat("doc")
             assert vfs.pending_uploads() == 1
             with trio.fail_after(5):
                 while vfs.pending_uploads():
@@ -88,3 +90,22 @@ def test_conflict_name() -> None:
     assert conflict_name(".bashrc", when).startswith(".bashrc.conflict-")
     long = conflict_name("d/" + "x" * 250 + ".txt", when)
     assert len(long.split("/")[1].encode()) <= 255 and long.endswith(".txt")
+
+
+def test_create_is_local_and_a_name_taken_meanwhile_keeps_both(tmp_path: Path) -> None:
+    """create() makes no backend call; if another client creates the name before our upload, both survive."""
+    import io
+
+    async def main() -> None:
+        vfs = make_vfs(tmp_path, write_back=60.0)
+        h, node = await vfs.create(ROOT, "report.txt", 0o644, os.O_WRONLY, CTX)
+        await vfs.write(h.fh, 0, b"ours")
+        await vfs.release(h.fh)
+        await vfs.backend.write("report.txt", io.BytesIO(b"theirs"))
+        assert await vfs.drain() == []
+        names = sorted(i.name for i in await vfs.backend.list(""))
+        assert names[0].startswith("report.conflict-") and names[1] == "report.txt"
+        assert await vfs.backend.read("report.txt", 0, 10) == b"theirs"
+        assert await vfs.backend.read(names[0], 0, 10) == b"ours"
+
+    trio.run(main)
