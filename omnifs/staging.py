@@ -204,16 +204,23 @@ class StagedFile:
         self.dirty = True
 
     async def upload(self, backend: Backend, path: str, attrs: SetAttrs | None) -> ObjectInfo:
-        """Write the whole content to ``path`` on the backend; clears ``dirty`` on success."""
+        """Write the whole content to ``path`` on the backend.
+
+        The copy stays dirty (and its record stays) until :meth:`uploaded`:
+        the caller first records the new version in the cache, so no moment
+        exists where neither the copy nor the cache shows the file.
+        """
         fd = await self.area.run(os.open, self.path, os.O_RDONLY)
         with open(fd, "rb", buffering=0) as src:
-            info = await backend.write(path, src, attrs)
+            return await backend.write(path, src, attrs)
+
+    async def uploaded(self) -> None:
+        """The content is on the backend and recorded: clear ``dirty`` and drop the crash record."""
         self.dirty = False
         self.closed_dirty = False
         if self.recorded:
-            await self.area.run(lambda: self.record_path.unlink(missing_ok=True))
             self.recorded = False
-        return info
+            await self.area.run(lambda: self.record_path.unlink(missing_ok=True))
 
     async def close(self) -> None:
         """Close and delete the local copy (idempotent)."""

@@ -578,15 +578,17 @@ class VFS:
                     log.warning("upload of %s deferred (%s); data is safe in %s", node.path, exc, staged.path)
                 self._schedule(node, self._backoff(node))
                 return
-            self._unschedule(node)
-            staged.base_version = version_key(info)
+            # The cache learns the new version before the copy stops being the truth.
+            node.info = info
+            node.attr.etag = info.etag
+            node.refreshed = time.monotonic()
+            node.kernel_cache_key = (info.etag, node.attr.size, node.attr.mtime_ns)
+            await self.remote.record(node.path, info)
             if self.opts.cache_writes and self.remote.cache is not None:
                 await self._cache_content(node.path, info, staged)
-        node.info = info
-        node.attr.etag = info.etag
-        node.refreshed = time.monotonic()
-        node.kernel_cache_key = (info.etag, node.attr.size, node.attr.mtime_ns)
-        await self.remote.record(node.path, info)
+            staged.base_version = version_key(info)
+            await staged.uploaded()
+            self._unschedule(node)
 
     async def _changed_elsewhere(self, path: str, base: str | None) -> ObjectInfo | None:
         """The remote object if it is no longer the version our content was based on, else None."""
@@ -615,13 +617,14 @@ class VFS:
         log.warning("conflict: %s was changed elsewhere; kept theirs, uploaded ours as %s", original, copy)
         self.conflicts.append({"path": original, "copy": copy, "time": time.time()})
         del self.conflicts[:-50]
-        self._unschedule(node)
+        await self.remote.record(copy, info)
+        await self.remote.record(original, theirs)
         parent = self.table.by_path(parent_of(original))
         self.table.move(original, copy)
         node.info = info
         node.attr.etag = info.etag
-        await self.remote.record(copy, info)
-        await self.remote.record(original, theirs)
+        await staged.uploaded()
+        self._unschedule(node)
         if parent is not None:
             self.kernel.invalidate_entry(parent.inode, original.rpartition("/")[2])
 
@@ -1354,8 +1357,8 @@ class VFS:
                 if is_unavailable(exc):
                     return
                 continue
+            await self.remote.record(target, info)  # before it stops being listed from staging
             self._recovered.pop(path, None)
-            await self.remote.record(target, info)
             await staged.close()
             log.warning("uploaded %s, recovered from an earlier run", path)
 
