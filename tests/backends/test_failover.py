@@ -1,0 +1,177 @@
+"""The failover wrapper: conformance over memory and local children, and fault tests."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from omnifs.backends.failover import FailoverBackend
+from omnifs.backends.local import LocalBackend
+from omnifs.backends.memory import MemoryBackend
+from omnifs.errors import BackendUnavailable, NotFound
+from tests.backends.conformance import BackendConformance
+from tests.backends.replica_helpers import FaultyBackend, tree, wait_until
+
+
+class TestFailoverMemory(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        return lambda: FailoverBackend(
+            "fo", [MemoryBackend("a"), MemoryBackend("b")], log_dir=tmp_path / uuid.uuid4().hex
+        )
+
+
+class TestFailoverLocal(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        def make() -> FailoverBackend:
+            root = tmp_path / uuid.uuid4().hex
+            (root / "a").mkdir(parents=True)
+            (root / "b").mkdir()
+            children = [LocalBackend("a", str(root / "a")), LocalBackend("b", str(root / "b"))]
+            return FailoverBackend("fo", children, log_dir=root / "log")
+
+        return make
+
+
+def make(tmp_path: Path, n: int = 2, timeout: float = 0.5) -> tuple[FailoverBackend, list[FaultyBackend]]:
+    kids = [FaultyBackend(MemoryBackend(f"c{i}")) for i in range(n)]
+    return FailoverBackend("fo", kids, log_dir=tmp_path / "log", op_timeout=timeout), kids
+
+
+async def put(b, path: str, data: bytes) -> None:
+    await b.write(path, io.BytesIO(data))
+
+
+def test_secondary_follows_primary(tmp_path: Path) -> None:
+    async def main() -> None:
+        fo, (a, b) = make(tmp_path)
+        await fo.mkdir("d")
+        await put(fo, "d/f", b"one")
+        await fo.rename("d/f", "d/g")
+        await fo.symlink("ln", "d/g")
+        await wait_until(lambda: _equal(a.inner, b.inner), what="secondary to catch up")
+        assert await tree(b.inner) == {"d": None, "d/g": b"one", "ln": ("->", "d/g")}
+        assert fo.pending_repairs() == 0
+        await fo.aclose()
+
+    trio.run(main)
+
+
+async def _equal(x, y) -> bool:
+    return await tree(x) == await tree(y)
+
+
+@pytest.mark.parametrize("fault", ["down", "frozen"])
+def test_writes_move_to_secondary_and_repair_brings_primary_back(tmp_path: Path, fault: str) -> None:
+    async def main() -> None:
+        fo, (a, b) = make(tmp_path)
+        await fo.mkdir("d")
+        await put(fo, "d/old", b"before")
+        await put(fo, "d/gone", b"to be deleted")
+        await wait_until(lambda: _equal(a.inner, b.inner), what="secondary to catch up")
+        a.mode = fault
+        started = time.monotonic()
+        await put(fo, "d/new", b"during the outage")
+        assert time.monotonic() - started < 2.0, "a write must move to the secondary within 2 s"
+        await fo.delete("d/gone")
+        await put(fo, "d/old", b"rewritten during the outage")
+        assert await b.inner.read("d/new", 0, 100) == b"during the outage"
+        # Reads and listings are served by the secondary meanwhile.
+        assert await fo.read("d/old", 0, 100) == b"rewritten during the outage"
+        assert {i.name for i in await fo.list("d")} == {"old", "new"}
+        assert fo.replica_status()[0]["online"] is False
+        assert fo.replica_status()[0]["pending_repairs"] >= 3
+        a.mode = "up"
+        await wait_until(lambda: _equal(a.inner, b.inner), what="primary to be repaired")
+        await wait_until(lambda: _no_pending(fo), what="log to drain")
+        assert await tree(a.inner) == {"d": None, "d/old": b"rewritten during the outage", "d/new": b"during the outage"}
+        with pytest.raises(NotFound):
+            await fo.stat("d/gone")
+        await fo.aclose()
+
+    trio.run(main)
+
+
+async def _no_pending(b) -> bool:
+    return b.pending_repairs() == 0
+
+
+def test_pending_delete_never_reappears(tmp_path: Path) -> None:
+    async def main() -> None:
+        fo, (a, b) = make(tmp_path)
+        await put(fo, "f", b"x")
+        await wait_until(lambda: _equal(a.inner, b.inner), what="secondary to catch up")
+        a.mode = "down"
+        await fo.delete("f")  # lands on b only; a still has f
+        a.mode = "up"
+        # a answers again but has the delete pending: it must not serve f.
+        for _ in range(20):
+            with pytest.raises(NotFound):
+                await fo.stat("f")
+            assert [i.name for i in await fo.list("")] == []
+            await trio.sleep(0.05)
+        await wait_until(lambda: _equal(a.inner, b.inner), what="repair")
+        await fo.aclose()
+
+    trio.run(main)
+
+
+def test_all_down_is_unavailable_and_nothing_is_lost(tmp_path: Path) -> None:
+    async def main() -> None:
+        fo, (a, b) = make(tmp_path)
+        await put(fo, "f", b"x")
+        a.mode = b.mode = "down"
+        with pytest.raises(BackendUnavailable):
+            await put(fo, "g", b"y")
+        with pytest.raises(BackendUnavailable):
+            await fo.stat("f")
+        a.mode = b.mode = "up"
+        await wait_until(lambda: _readable(fo, "f"), what="recovery")
+        await fo.aclose()
+
+    trio.run(main)
+
+
+async def _readable(fo, path: str) -> bool:
+    try:
+        await fo.stat(path)
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def test_log_survives_restart(tmp_path: Path) -> None:
+    """A wrapper closed (or killed) with repairs pending resumes them from the log."""
+    a, b = MemoryBackend("a"), MemoryBackend("b")
+
+    async def first() -> None:
+        fa, fb = FaultyBackend(a), FaultyBackend(b)
+        fo = FailoverBackend("fo", [fa, fb], log_dir=tmp_path / "log", op_timeout=0.5)
+        await put(fo, "keep", b"k")
+        await wait_until(lambda: _equal(a, b), what="catch up")
+        fa.mode = "down"
+        for i in range(5):
+            await put(fo, f"f{i}", b"%d" % i)
+        pending = fo.replica_status()[0]["pending_repairs"]
+        assert pending >= 5  # (plus the write that found a down)
+        # no aclose: the process "dies" here (the log is fsynced before each ack)
+
+    trio.run(first)
+    assert (tmp_path / "log" / "log.jsonl").stat().st_size > 0
+
+    async def second() -> None:
+        fo = FailoverBackend("fo", [a, b], log_dir=tmp_path / "log", op_timeout=0.5)
+        await fo.stat("")
+        assert fo.replica_status()[0]["pending_repairs"] >= 5
+        await wait_until(lambda: _equal(a, b), what="repair after restart")
+        await wait_until(lambda: _no_pending(fo), what="log to drain")
+        await fo.aclose()
+
+    trio.run(second)
+    assert (tmp_path / "log" / "log.jsonl").stat().st_size == 0  # compacted
