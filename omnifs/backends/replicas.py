@@ -35,7 +35,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, BinaryIO, ClassVar, TypeVar
 
@@ -72,6 +72,7 @@ CHUNK = 4 << 20  # repair copies in pieces of this size
 PROBE_BACKOFF = (0.5, 5.0)  # first and longest delay between probes of a child that is down
 TRANSIENT_LIMIT = 3  # consecutive transient errors that open a child's circuit
 STRAGGLER_WAIT = 60.0  # repair waits this long for abandoned calls to a child to finish
+CHILD_SLOTS = 8  # calls running on one child at once
 MAX_REPLAY_FAILURES = 5  # an entry whose replay keeps failing (not for unavailability) is skipped
 
 
@@ -397,6 +398,7 @@ class Child:
     stragglers: int = 0  # calls whose caller gave up waiting; still running
     probing: bool = False
     repairing: bool = False
+    slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(CHILD_SLOTS))
 
     @property
     def name(self) -> str:
@@ -543,7 +545,7 @@ class ReplicaSet(Backend):
 
     async def _probe(self, c: Child) -> None:
         try:
-            await self._call(c, self.op_timeout, lambda b: b.stat(""))
+            await self._call(c, self.op_timeout, lambda b: b.stat(""), probe=True)
         except Exception as exc:
             c.last_error = str(exc) or type(exc).__name__
             c.backoff = min(c.backoff * 2, PROBE_BACKOFF[1])
@@ -565,36 +567,51 @@ class ReplicaSet(Backend):
             c.retry_at = trio.current_time() + c.backoff
             log.warning("%s: remote %s is down (%s); using the others", self.name, c.name, reason)
 
-    async def _call(self, c: Child, timeout: float, fn: Callable[[Backend], Awaitable[T]]) -> T:
-        """Run ``fn(child)``, waiting at most ``timeout``; silence or unavailability marks the child down.
+    async def _call(self, c: Child, timeout: float, fn: Callable[[Backend], Awaitable[T]], *, probe: bool = False) -> T:
+        """Run ``fn(child)``; silence past ``timeout`` or unavailability marks the child down.
 
-        The call itself is not cancelled by the timeout: it keeps running in the
-        background (a straggler) so that repair can wait for it to finish.
+        At most ``CHILD_SLOTS`` calls run on a child at once; waiting for a slot
+        is not silence (but is given up when the child is found down meanwhile,
+        and then the call never runs).  A call that times out is not cancelled:
+        it keeps running in the background (a straggler) so that repair can wait
+        for it to finish before touching the same child.
         """
         if self._nursery is None:
             raise BackendUnavailable(f"{self.name} is closed")
         box: list[_Outcome] = []
-        finished = trio.Event()
-        abandoned = False
+        started, finished = trio.Event(), trio.Event()
+        state = {"abandoned": False, "skip": False}
 
         async def runner() -> None:
             try:
-                box.append(_Outcome(True, await fn(c.backend)))
+                async with c.slots:
+                    if state["skip"]:
+                        return
+                    started.set()
+                    box.append(_Outcome(True, await fn(c.backend)))
             except Exception as exc:
                 box.append(_Outcome(False, exc))
             finally:
                 finished.set()
-                if abandoned:
+                if state["abandoned"]:
                     c.stragglers -= 1
 
         self._nursery.start_soon(runner)
         try:
+            while not started.is_set() and not finished.is_set():
+                if not c.online and not probe:
+                    raise BackendUnavailable(f"{c.name} is down: {c.last_error}")
+                with trio.move_on_after(0.05):
+                    await started.wait()
             with trio.move_on_after(timeout):
                 await finished.wait()
         finally:
-            if not finished.is_set():  # timed out or the caller was cancelled
-                abandoned = True
-                c.stragglers += 1
+            if not finished.is_set():  # timed out, found down, or the caller was cancelled
+                if started.is_set():
+                    state["abandoned"] = True
+                    c.stragglers += 1
+                else:
+                    state["skip"] = True
         if not box:
             self._failed(c, f"no answer within {timeout:g} s", hard=True)
             raise BackendUnavailable(f"{c.name}: no answer within {timeout:g} s")

@@ -90,7 +90,8 @@ def test_writes_move_to_secondary_and_repair_brings_primary_back(tmp_path: Path,
         a.mode = "up"
         await wait_until(lambda: _equal(a.inner, b.inner), what="primary to be repaired")
         await wait_until(lambda: _no_pending(fo), what="log to drain")
-        assert await tree(a.inner) == {"d": None, "d/old": b"rewritten during the outage", "d/new": b"during the outage"}
+        want = {"d": None, "d/old": b"rewritten during the outage", "d/new": b"during the outage"}
+        assert await tree(a.inner) == want
         with pytest.raises(NotFound):
             await fo.stat("d/gone")
         await fo.aclose()

@@ -1,0 +1,158 @@
+"""The mirror wrapper: conformance over memory and local children, policies and repair."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from omnifs.backends.local import LocalBackend
+from omnifs.backends.memory import MemoryBackend
+from omnifs.backends.mirror import MirrorBackend
+from omnifs.errors import BackendUnavailable, NotFound
+from tests.backends.conformance import BackendConformance
+from tests.backends.replica_helpers import FaultyBackend, tree, wait_until
+
+
+class TestMirrorMemory(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        return lambda: MirrorBackend(
+            "mi", [MemoryBackend("a"), MemoryBackend("b"), MemoryBackend("c")], log_dir=tmp_path / uuid.uuid4().hex
+        )
+
+
+class TestMirrorLocalQuorum(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        def make() -> MirrorBackend:
+            root = tmp_path / uuid.uuid4().hex
+            kids = []
+            for n in "ab":
+                (root / n).mkdir(parents=True)
+                kids.append(LocalBackend(n, str(root / n)))
+            kids.append(MemoryBackend("m"))
+            return MirrorBackend("mi", kids, policy="quorum", quorum=2, log_dir=root / "log")
+
+        return make
+
+
+def make(tmp_path: Path, policy: str = "quorum", quorum: int | None = 2) -> tuple[MirrorBackend, list[FaultyBackend]]:
+    kids = [FaultyBackend(MemoryBackend(f"c{i}")) for i in range(3)]
+    return MirrorBackend("mi", kids, policy=policy, quorum=quorum, log_dir=tmp_path / "log", op_timeout=0.5), kids  # type: ignore[arg-type]
+
+
+async def put(b, path: str, data: bytes) -> None:
+    await b.write(path, io.BytesIO(data))
+
+
+async def _all_equal(kids) -> bool:
+    trees = [await tree(k.inner) for k in kids]
+    return all(t == trees[0] for t in trees)
+
+
+async def _no_pending(b) -> bool:
+    return b.pending_repairs() == 0
+
+
+def test_every_write_lands_everywhere(tmp_path: Path) -> None:
+    async def main() -> None:
+        mi, kids = make(tmp_path, policy="all", quorum=None)
+        await mi.mkdir("d")
+        await put(mi, "d/f", b"x" * 1000)
+        await mi.set_xattr("d/f", "user.k", b"v")
+        for k in kids:
+            assert await k.inner.read("d/f", 0, 2000) == b"x" * 1000
+            assert await k.inner.get_xattrs("d/f") == {"user.k": b"v"}
+        assert mi.pending_repairs() == 0
+        await mi.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("fault", ["down", "frozen"])
+def test_quorum_survives_one_outage_and_repairs_it(tmp_path: Path, fault: str) -> None:
+    async def main() -> None:
+        mi, kids = make(tmp_path)
+        await mi.mkdir("d")
+        await put(mi, "d/keep", b"k")
+        await put(mi, "d/gone", b"g")
+        kids[1].mode = fault
+        started = time.monotonic()
+        await put(mi, "d/new", b"during")
+        assert time.monotonic() - started < 2.0
+        await mi.delete("d/gone")
+        await mi.rename("d/keep", "d/kept")
+        await mi.mkdir("d/sub")
+        await put(mi, "d/sub/deep", b"deep")
+        assert mi.replica_status()[1]["pending_repairs"] >= 5
+        assert await kids[0].inner.read("d/new", 0, 10) == b"during"
+        assert await kids[2].inner.read("d/new", 0, 10) == b"during"
+        kids[1].mode = "up"
+        await wait_until(lambda: _all_equal(kids), what="the missing remote to be repaired")
+        await wait_until(lambda: _no_pending(mi), what="log to drain")
+        assert await tree(kids[1].inner) == {
+            "d": None,
+            "d/kept": b"k",
+            "d/new": b"during",
+            "d/sub": None,
+            "d/sub/deep": b"deep",
+        }
+        await mi.aclose()
+
+    trio.run(main)
+
+
+def test_policy_all_refuses_when_one_is_down(tmp_path: Path) -> None:
+    async def main() -> None:
+        mi, kids = make(tmp_path, policy="all", quorum=None)
+        await put(mi, "f", b"old")
+        kids[2].mode = "down"
+        with pytest.raises(BackendUnavailable):
+            await put(mi, "f", b"new")  # c2 was believed up: it is tried, and found down
+        with pytest.raises(BackendUnavailable):
+            await put(mi, "g", b"new")  # now known down: refused before anything changes
+        with pytest.raises(NotFound):
+            await kids[0].inner.stat("g")
+        kids[2].mode = "up"
+        await wait_until(lambda: _all_equal(kids), what="convergence")
+        await mi.aclose()
+
+    trio.run(main)
+
+
+def test_best_effort_needs_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        mi, kids = make(tmp_path, policy="best-effort", quorum=None)
+        kids[0].mode = kids[1].mode = "down"
+        await put(mi, "f", b"only c2")
+        assert await mi.read("f", 0, 10) == b"only c2"
+        kids[0].mode = kids[1].mode = "up"
+        await wait_until(lambda: _all_equal(kids), what="convergence")
+        await mi.aclose()
+
+    trio.run(main)
+
+
+def test_repair_runs_in_order_per_child(tmp_path: Path) -> None:
+    """A path deleted, recreated as a directory and filled ends up the same on the repaired child."""
+
+    async def main() -> None:
+        mi, kids = make(tmp_path)
+        await put(mi, "x", b"file first")
+        kids[2].mode = "down"
+        await mi.delete("x")
+        await mi.mkdir("x")
+        await put(mi, "x/y", b"then a dir")
+        await mi.symlink("x/ln", "y")
+        await mi.set_attrs("x/y", __import__("omnifs.backends.base", fromlist=["SetAttrs"]).SetAttrs(mode=0o600))
+        kids[2].mode = "up"
+        await wait_until(lambda: _all_equal(kids), what="repair")
+        assert (await kids[2].inner.stat("x/y")).mode == 0o600
+        await mi.aclose()
+
+    trio.run(main)
