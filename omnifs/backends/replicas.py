@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import stat as stat_mod
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -341,31 +342,38 @@ class _Reader(io.RawIOBase):
 class Source:
     """The data of one ``write``, readable once per child, each from the start.
 
-    A regular file (the usual staged copy) is reopened per reader; any other
-    stream is first spooled to an unlinked temp file in ``spool_dir``.
+    A regular file (the usual staged copy) is reopened per reader; a stream of
+    at most 1 MiB is kept in memory; any other stream is first spooled to an
+    unlinked temp file in ``spool_dir``.
     """
 
-    def __init__(self, fd: int, start: int, size: int, owned: IO[bytes] | None) -> None:
-        self.fd, self.start, self.size, self._owned = fd, start, size, owned
+    SMALL = 1 << 20
+
+    def __init__(self, fd: int, start: int, size: int, owned: IO[bytes] | None, data: bytes | None = None) -> None:
+        self.fd, self.start, self.size, self._owned, self._data = fd, start, size, owned, data
 
     @classmethod
     def capture(cls, src: BinaryIO, spool_dir: Path) -> Source:
-        """Wrap ``src`` (blocking: spools a non-file stream in 1 MiB pieces)."""
+        """Wrap ``src`` (blocking: reads a non-file stream in 1 MiB pieces)."""
         try:
             fd = src.fileno()
             st = os.fstat(fd)
-            import stat as stat_mod
-
             if stat_mod.S_ISREG(st.st_mode):
                 start = src.tell()
                 return cls(fd, start, st.st_size - start, None)
         except (OSError, ValueError, io.UnsupportedOperation):
             pass
+        first = src.read(cls.SMALL)
+        more = src.read(cls.SMALL) if first else b""
+        if not more:
+            return cls(-1, 0, len(first), None, bytes(first))
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = tempfile.TemporaryFile(dir=spool_dir)
-        size = 0
+        spool.write(first)
+        spool.write(more)
+        size = len(first) + len(more)
         while True:
-            piece = src.read(1 << 20)
+            piece = src.read(cls.SMALL)
             if not piece:
                 break
             spool.write(piece)
@@ -373,8 +381,11 @@ class Source:
         spool.flush()
         return cls(spool.fileno(), 0, size, spool)
 
-    def reader(self) -> _Reader:
-        return _Reader(self.fd, self.start)
+    def reader(self) -> BinaryIO:
+        """A new reader positioned at the start of the data (blocking)."""
+        if self._data is not None:
+            return io.BytesIO(self._data)
+        return _Reader(self.fd, self.start)  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._owned is not None:
@@ -816,9 +827,9 @@ class ReplicaSet(Backend):
         source = await trio.to_thread.run_sync(Source.capture, src, self.log_dir / "spool")
 
         async def put(b: Backend) -> ObjectInfo:
-            reader = await trio.to_thread.run_sync(source.reader)
+            reader = source.reader() if source.fd < 0 else await trio.to_thread.run_sync(source.reader)
             try:
-                return await b.write(path, reader, attrs)  # type: ignore[arg-type]
+                return await b.write(path, reader, attrs)
             finally:
                 reader.close()
 
