@@ -106,3 +106,41 @@ async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0,
             await trio.sleep(0.05)
         return
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def spare_bucket(server: Any) -> Any:
+    """A fresh bucket on ``server`` (a MotoServer) as a RemoteSpec for ``make_s3_backend``."""
+    from tests.fixtures_s3 import CREDENTIALS_ENV, REGION, RemoteSpec, new_bucket_name
+
+    bucket = new_bucket_name()
+    server.client().create_bucket(Bucket=bucket)
+    return RemoteSpec(
+        name=f"s3-{server.port}",
+        config={"bucket": bucket, "endpoint_url": server.endpoint_url, "region": REGION, "addressing_style": "path"},
+        env=dict(CREDENTIALS_ENV),
+    )
+
+
+def bucket_digests(client: Any, bucket: str) -> dict[str, str]:
+    """Key -> sha256 of every object in a bucket (directory markers included)."""
+    import hashlib
+
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"]] = hashlib.sha256(body).hexdigest()
+    return out
+
+
+def dir_digests(root: Any) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``root`` (a local directory)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".omnifs-tmp")
+    }

@@ -176,3 +176,68 @@ def test_log_survives_restart(tmp_path: Path) -> None:
 
     trio.run(second)
     assert (tmp_path / "log" / "log.jsonl").stat().st_size == 0  # compacted
+
+
+# --- real servers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spare_moto():
+    """A moto server of its own, that tests freeze (the session one is shared)."""
+    pytest.importorskip("moto.server")
+    from tests.fixtures_s3 import MotoServer
+
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_s3_primary_frozen_writes_move_to_sftp_and_come_back(tmp_path: Path, spare_moto, sftp_remote) -> None:
+    import hashlib
+
+    from omnifs.backends.sftp import SFTPBackend
+    from tests.backends.replica_helpers import bucket_digests, spare_bucket
+    from tests.fixtures_s3 import make_s3_backend
+
+    spec = spare_bucket(spare_moto)
+    bucket = spec.config["bucket"]
+    client = spare_moto.client()
+    root = sftp_remote.local_root
+    payload = {f"d/f{i}": hashlib.sha256(b"%d" % i).digest() * (100 + i) for i in range(12)}
+
+    async def main() -> None:
+        s3 = make_s3_backend(spec)
+        sftp = SFTPBackend("sftp", **{k: v for k, v in sftp_remote.config.items() if k != "type"})
+        fo = FailoverBackend("fo", [s3, sftp], log_dir=tmp_path / "log")
+        await fo.mkdir("d")
+        for i in range(4):
+            await put(fo, f"d/f{i}", payload[f"d/f{i}"])
+        await wait_until(lambda: _no_pending(fo), what="sftp standby to catch up")
+        spare_moto.freeze()
+        try:
+            started = time.monotonic()
+            await put(fo, "d/f4", payload["d/f4"])
+            took = time.monotonic() - started
+            assert took < 2.0, f"the write took {took:.2f} s to move to the secondary"
+            for i in range(5, 12):
+                await put(fo, f"d/f{i}", payload[f"d/f{i}"])
+            await fo.delete("d/f0")
+            assert (root / "d" / "f11").read_bytes() == payload["d/f11"]
+            assert not (root / "d" / "f0").exists()
+            assert fo.replica_status()[0]["online"] is False
+        finally:
+            spare_moto.thaw()
+        want = {f"d/{k[2:]}": hashlib.sha256(v).hexdigest() for k, v in payload.items() if k != "d/f0"}
+
+        async def primary_repaired() -> bool:
+            got = await trio.to_thread.run_sync(bucket_digests, client, bucket)
+            return {k: v for k, v in got.items() if not k.endswith("/")} == want
+
+        await wait_until(primary_repaired, timeout=90, what="the S3 primary to be repaired")
+        await wait_until(lambda: _no_pending(fo), timeout=30, what="log to drain")
+        await fo.aclose()
+
+    trio.run(main)

@@ -156,3 +156,64 @@ def test_repair_runs_in_order_per_child(tmp_path: Path) -> None:
         await mi.aclose()
 
     trio.run(main)
+
+
+# --- real servers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spare_moto():
+    """A moto server of its own, that tests freeze (the session one is shared)."""
+    pytest.importorskip("moto.server")
+    from tests.fixtures_s3 import MotoServer
+
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_quorum_2_of_3_real_servers(tmp_path: Path, spare_moto, s3_remote, s3_server) -> None:
+    """S3 (frozen mid-way), S3 on another server and a local directory; the frozen one is repaired."""
+    import hashlib
+
+    from tests.backends.replica_helpers import bucket_digests, dir_digests, spare_bucket
+    from tests.fixtures_s3 import make_s3_backend
+
+    spec = spare_bucket(spare_moto)
+    client = spare_moto.client()
+    local_root = tmp_path / "local"
+    local_root.mkdir()
+    payload = {f"f{i}": hashlib.sha256(b"%d" % i).digest() * (50 + i) for i in range(10)}
+
+    async def main() -> None:
+        spec.name = "s3a"  # children need distinct names (they name the log's cursors)
+        kids = [make_s3_backend(spec), make_s3_backend(s3_remote), LocalBackend("loc", str(local_root))]
+        mi = MirrorBackend("mi", kids, policy="quorum", quorum=2, log_dir=tmp_path / "log")
+        for i in range(3):
+            await put(mi, f"f{i}", payload[f"f{i}"])
+        spare_moto.freeze()
+        try:
+            started = time.monotonic()
+            await put(mi, "f3", payload["f3"])
+            assert time.monotonic() - started < 2.5
+            for i in range(4, 10):
+                await put(mi, f"f{i}", payload[f"f{i}"])
+            await mi.delete("f1")
+            assert mi.replica_status()[0]["pending_repairs"] >= 7
+        finally:
+            spare_moto.thaw()
+        want = {k: hashlib.sha256(v).hexdigest() for k, v in payload.items() if k != "f1"}
+        assert dir_digests(local_root) == want
+        assert await trio.to_thread.run_sync(bucket_digests, s3_server.client(), s3_remote.config["bucket"]) == want
+
+        async def repaired() -> bool:
+            return await trio.to_thread.run_sync(bucket_digests, client, spec.config["bucket"]) == want
+
+        await wait_until(repaired, timeout=90, what="the frozen S3 to be repaired")
+        await wait_until(lambda: _no_pending(mi), timeout=30, what="log to drain")
+        await mi.aclose()
+
+    trio.run(main)
