@@ -60,6 +60,7 @@ from omnifs.errors import (
     NotFound,
     NotSupported,
     OmniError,
+    PathUnavailable,
     TransientError,
 )
 
@@ -680,9 +681,12 @@ class ReplicaSet(Backend):
                 if not is_unavailable(exc):
                     raise
                 last = exc
-        raise BackendUnavailable(
-            f"{self.name}: no remote can answer for {path or '/'} now ({last or 'repair pending'})"
-        )
+        raise self._unavailable(f"{self.name}: no remote can answer for {path or '/'} now ({last or 'repair pending'})")
+
+    def _unavailable(self, message: str) -> BackendUnavailable:
+        """PathUnavailable while some child answers (the mount stays online), else BackendUnavailable."""
+        cls = PathUnavailable if any(c.online for c in self.children) else BackendUnavailable
+        return cls(message)
 
     async def stat(self, path: str) -> ObjectInfo:
         path = check_path(path)
@@ -756,7 +760,7 @@ class ReplicaSet(Backend):
             targets = cands if self.sync_all else cands[:1]
             if len(cands) < self.required or not targets:
                 why = f"{len(cands)} of {len(self.children)} remotes can take it now, {self.required} needed"
-                raise BackendUnavailable(
+                raise self._unavailable(
                     f"{self.name}: {op} {paths[0] or '/'} refused: {why}" + (f" ({last})" if last else "")
                 )
             tried.update(c.index for c in targets)
@@ -805,7 +809,7 @@ class ReplicaSet(Backend):
                             )
                 self._wake.set()
                 if len(same) < self.required:
-                    raise BackendUnavailable(
+                    raise self._unavailable(
                         f"{self.name}: {op} {paths[0]} acknowledged by {len(same)} of {len(self.children)} remotes, "
                         f"{self.required} needed (the others are repaired from the log)"
                     )
