@@ -128,7 +128,10 @@ def bucket_digests(client: Any, bucket: str) -> dict[str, str]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
-            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            try:
+                body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            except client.exceptions.NoSuchKey:
+                continue  # deleted since the listing (a repair at work)
             out[obj["Key"]] = hashlib.sha256(body).hexdigest()
     return out
 
