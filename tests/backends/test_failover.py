@@ -13,7 +13,7 @@ import trio
 from omnifs.backends.failover import FailoverBackend
 from omnifs.backends.local import LocalBackend
 from omnifs.backends.memory import MemoryBackend
-from omnifs.errors import BackendUnavailable, NotFound
+from omnifs.errors import BackendUnavailable, NotFound, OmniError
 from tests.backends.conformance import BackendConformance
 from tests.backends.replica_helpers import FaultyBackend, tree, wait_until
 
@@ -241,3 +241,41 @@ def test_s3_primary_frozen_writes_move_to_sftp_and_come_back(tmp_path: Path, spa
         await fo.aclose()
 
     trio.run(main)
+
+
+def test_unusable_log_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+
+    async def main() -> None:
+        fo = FailoverBackend("fo", [MemoryBackend("a"), MemoryBackend("b")], log_dir=blocker / "log")
+        with pytest.raises(OmniError) as ei:
+            await put(fo, "f", b"x")
+        assert "replica log" in str(ei.value) and str(blocker) in str(ei.value)
+        await fo.aclose()
+
+    trio.run(main)
+
+
+def test_torn_log_tail_is_ignored(tmp_path: Path) -> None:
+    """A crash in the middle of appending leaves a partial line; the entries before it still count."""
+    a, b = MemoryBackend("a"), MemoryBackend("b")
+
+    async def first() -> None:
+        fb = FaultyBackend(b)
+        fo = FailoverBackend("fo", [a, fb], log_dir=tmp_path / "log", op_timeout=0.5)
+        fb.mode = "down"
+        await put(fo, "f", b"x")
+        await put(fo, "g", b"y")
+
+    trio.run(first)
+    with open(tmp_path / "log" / "log.jsonl", "ab") as f:
+        f.write(b'{"e":99,"op":"write","p":["h"')
+
+    async def second() -> None:
+        fo = FailoverBackend("fo", [a, b], log_dir=tmp_path / "log", op_timeout=0.5)
+        await fo.stat("")
+        await wait_until(lambda: _equal(a, b), what="repair of the entries before the torn line")
+        await fo.aclose()
+
+    trio.run(second)
