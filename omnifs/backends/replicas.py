@@ -890,7 +890,10 @@ class ReplicaSet(Backend):
                 if c.online and not c.repairing and self.log.pending(c.index):
                     c.repairing = True
                     self._nursery.start_soon(self._repair_child, c)
-            await self.log.flush()
+            try:
+                await self.log.flush()
+            except OSError as exc:  # the next commit reports it to a caller; keep repairing
+                log.error("%s: cannot write the replica log %s: %s", self.name, self.log.path, exc)
             self._wake = trio.Event()
             with trio.move_on_after(1.0):
                 await self._wake.wait()
