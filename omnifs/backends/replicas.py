@@ -62,6 +62,7 @@ from omnifs.errors import (
     OmniError,
     PathUnavailable,
     TransientError,
+    from_oserror,
 )
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class RepairLog:
         self._lines = 0  # lines in the file
         self._lock = trio.Lock()
         self._file: IO[bytes] | None = None
+        self._broken = False  # a write failed: the file may end in a partial line
 
     # --- state ---
     def pending(self, child: int) -> int:
@@ -287,27 +289,45 @@ class RepairLog:
         if durable:
             os.fsync(self._file.fileno())
 
+    async def _out(self, *, durable: bool, rewrite: bool) -> None:
+        """Write the buffer (or the whole state); call with the lock held.
+
+        After a failed write the file may end in a partial line, so the next
+        write replaces the file with the in-memory state instead of appending.
+        """
+        lines, upto, self._buf = self._buf, self._added, []
+        try:
+            if rewrite or self._broken:
+                await trio.to_thread.run_sync(self._rewrite)
+                self._broken = False
+                durable = True
+            else:
+                await trio.to_thread.run_sync(self._write, lines, durable)
+        except OSError:
+            self._broken = True
+            raise
+        if durable:
+            self._durable = upto
+
     async def commit(self) -> None:
-        """Return once every record added so far is on disk (fsynced)."""
+        """Return once every record added so far is on disk (fsynced); NoSpace/OmniError if it cannot be."""
         target = self._added
         async with self._lock:
             if self._durable >= target:
                 return
-            lines, self._buf, upto = self._buf, [], self._added
-            await trio.to_thread.run_sync(self._write, lines, True)
-            self._durable = upto
+            try:
+                await self._out(durable=True, rewrite=False)
+            except OSError as exc:
+                raise from_oserror(exc, f"replica log {self.path}") from exc
 
     async def flush(self) -> None:
         """Write buffered records without fsync; compact when nothing or little is pending."""
         async with self._lock:
             live = sum(len(q) for q in self.queues)
             if (live == 0 and self._lines > 0) or (self._lines > self.COMPACT_LINES and live * 4 < self._lines):
-                self._buf, upto = [], self._added
-                await trio.to_thread.run_sync(self._rewrite)
-                self._durable = upto
-            elif self._buf:
-                lines, self._buf = self._buf, []
-                await trio.to_thread.run_sync(self._write, lines, False)
+                await self._out(durable=False, rewrite=True)
+            elif self._buf or self._broken:
+                await self._out(durable=False, rewrite=False)
 
     async def close(self) -> None:
         """Write everything (compacted if nothing is pending), fsync and close the file."""
