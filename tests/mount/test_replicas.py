@@ -108,15 +108,22 @@ def test_failover_s3_primary_frozen_mid_writing(
         write_file(docs / f"f{i}", content(i))
         want[f"docs/f{i}"] = digest(content(i))
     wait_for(lambda: dir_digests(standby) == want, 30, "the SFTP standby to catch up")
+    mid = open(docs / "mid", "wb")  # a file open across the freeze
+    mid.write(content(99)[:1000])
+    time.sleep(0.5)
     frozen_safe.freeze()
-    times = []
+    mid.write(content(99)[1000:])
+    started = time.monotonic()
+    mid.close()
+    times = [time.monotonic() - started]
     for i in range(5, 20):
         times.append(write_file(docs / f"f{i}", content(i)))
         want[f"docs/f{i}"] = digest(content(i))
     # Every close() returned, and what was written after the freeze is on the standby.
     assert max(times) < 10, times
-    assert dir_digests(standby) == want
-    assert sorted(p.name for p in docs.iterdir()) == sorted(f"f{i}" for i in range(20))
+    assert {k: v for k, v in dir_digests(standby).items() if k != "docs/mid"} == want
+    want["docs/mid"] = digest(content(99))
+    assert sorted(p.name for p in docs.iterdir()) == sorted([*(f"f{i}" for i in range(20)), "mid"])
 
     def primary_down() -> bool:  # the status record is refreshed every 2 s
         children = {b["name"]: b for b in status_backends(m.path, remote.env)}
@@ -132,7 +139,12 @@ def test_failover_s3_primary_frozen_mid_writing(
     # The mount converged: reads come from the primary again, with the same content.
     for i in range(20):
         assert (docs / f"f{i}").read_bytes() == content(i)
-    print(f"first write after the freeze: {times[0]:.2f} s; primary repaired {repaired_in:.1f} s after the thaw")
+    assert (docs / "mid").read_bytes() == content(99)
+    wait_for(lambda: dir_digests(standby) == want, 30, "the standby to hold the same")
+    print(
+        f"close across the freeze: {times[0]:.2f} s, next write {times[1]:.2f} s; "
+        f"primary repaired {repaired_in:.1f} s after the thaw"
+    )
 
 
 def test_mirror_quorum_2_of_3_one_frozen(
