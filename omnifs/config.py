@@ -267,10 +267,24 @@ def _link_wrappers(
                 cycle = " -> ".join((*chain, name, child)[(*chain, name).index(child) :])
                 raise ConfigError(f"remote {name!r}: {key!r} makes a cycle ({cycle})", **where(name, key))
             children.append(link(child, (*chain, name)))
+        seen: dict[str, str] = {}
+        for ch in children:
+            for used in _tree_names(ch):
+                if used in seen:
+                    via = f"'{seen[used]}' and '{ch.name}'" if seen[used] != ch.name else f"'{ch.name}'"
+                    raise ConfigError(
+                        f"remote {name!r}: remote {used!r} would be used twice (through {via})", **where(name, key)
+                    )
+                seen[used] = ch.name
         done[name] = replace(rc, children=tuple(children))
         return done[name]
 
     return {name: link(name, ()) for name in remotes}
+
+
+def _tree_names(rc: RemoteConfig) -> list[str]:
+    """``rc`` and every remote below it."""
+    return [rc.name, *(n for ch in rc.children for n in _tree_names(ch))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,12 @@ def test_wrappers_build_their_children_recursively(tmp_path: Path, monkeypatch: 
         ),
         ('[remotes.w]\ntype = "mirror"\nremotes = ["a", "b"]\npolicy = "most"\n', "policy", "unknown policy 'most'"),
         (
+            '[remotes.w]\ntype = "mirror"\nremotes = ["a", "v"]\n\n'
+            '[remotes.v]\ntype = "failover"\nremotes = ["b", "a"]\n',
+            "remotes",
+            "remote 'a' would be used twice",
+        ),
+        (
             '[remotes.w]\ntype = "mirror"\nremotes = ["a", "b"]\npolicy = "quorum"\nquorum = 3\n',
             "quorum",
             "quorum 3 is not between 1 and the number of remotes (2)",
