@@ -77,6 +77,7 @@ TRANSIENT_LIMIT = 3  # consecutive transient errors that open a child's circuit
 STRAGGLER_WAIT = 60.0  # repair waits this long for abandoned calls to a child to finish
 CHILD_SLOTS = 8  # calls running on one child at once
 MAX_REPLAY_FAILURES = 5  # an entry whose replay keeps failing (not for unavailability) is skipped
+REPAIR_PARALLEL = 4  # entries on unrelated paths replayed at once per child
 
 
 def ancestors(path: str) -> list[str]:
@@ -85,6 +86,13 @@ def ancestors(path: str) -> list[str]:
         return []
     parts = path.split("/")
     return ["/".join(parts[:i]) for i in range(len(parts))]
+
+
+def related(a: Entry, b: Entry) -> bool:
+    """True if two entries touch the same path, or one's path lies below the other's."""
+    return any(
+        p == q or p.startswith(q + "/") or q.startswith(p + "/") or not p or not q for p in a.paths for q in b.paths
+    )
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -919,37 +927,81 @@ class ReplicaSet(Backend):
                 await self._wake.wait()
 
     async def _repair_child(self, c: Child) -> None:
-        """Replay ``c``'s pending entries in order until done, stalled or ``c`` goes down."""
+        """Replay ``c``'s pending entries in order until done, stalled or ``c`` goes down.
+
+        Up to ``REPAIR_PARALLEL`` entries run at once, but an entry never starts
+        while an earlier entry on a related path (equal, ancestor or descendant)
+        is running or has failed in this pass: the order of changes to any one
+        path is kept.
+        """
         try:
             with trio.move_on_after(STRAGGLER_WAIT):
                 while c.stragglers > 0:
                     await trio.sleep(0.1)
             count = 0
             while c.online:
-                e = self.log.first(c.index)
-                if e is None or not e.settled:
+                replayed = await self._repair_pass(c)
+                count += replayed
+                if not replayed:
                     break
-                try:
-                    await self._replay(c, e)
-                except _Stall as exc:
-                    log.info("%s: repair of %s waits: %s", self.name, c.name, exc)
-                    break
-                except Exception as exc:
-                    if isinstance(exc, OmniError) and is_unavailable(exc):
-                        break
-                    e.failures += 1
-                    if e.failures < MAX_REPLAY_FAILURES:
-                        log.warning(
-                            "%s: repair of %s %s on %s failed (%s); will retry", self.name, e.op, e.paths, c.name, exc
-                        )
-                        break
-                    log.error("%s: giving up repairing %s %s on %s: %s", self.name, e.op, e.paths, c.name, exc)
-                self.log.done(e, c.index)
-                count += 1
             if count and not self.log.pending(c.index):
                 log.warning("%s: remote %s is repaired (%d operation(s) replayed)", self.name, c.name, count)
         finally:
             c.repairing = False
+
+    async def _repair_pass(self, c: Child) -> int:
+        """One pass over the entries pending for ``c`` now; returns how many were replayed."""
+        running: dict[int, Entry] = {}
+        held: list[Entry] = []  # failed or waiting in this pass: later related entries wait too
+        state = {"stop": False, "replayed": 0}
+        changed = trio.Event()
+        slots = trio.Semaphore(REPAIR_PARALLEL)
+
+        async def one(e: Entry) -> None:
+            try:
+                await self._replay(c, e)
+            except _Stall as exc:
+                log.info("%s: repair of %s waits: %s", self.name, c.name, exc)
+                held.append(e)
+                state["stop"] = True
+                return
+            except Exception as exc:
+                if isinstance(exc, OmniError) and is_unavailable(exc):
+                    held.append(e)
+                    state["stop"] = True
+                    return
+                e.failures += 1
+                if e.failures < MAX_REPLAY_FAILURES:
+                    log.warning(
+                        "%s: repair of %s %s on %s failed (%s); will retry", self.name, e.op, e.paths, c.name, exc
+                    )
+                    held.append(e)
+                    return
+                log.error("%s: giving up repairing %s %s on %s: %s", self.name, e.op, e.paths, c.name, exc)
+            finally:
+                del running[e.seq]
+                slots.release()
+                changed.set()
+            self.log.done(e, c.index)
+            state["replayed"] += 1
+
+        async with trio.open_nursery() as nursery:
+            for e in self.log.entries(c.index):
+                if state["stop"] or not c.online or not e.settled:
+                    break
+                if any(related(e, h) for h in held):
+                    held.append(e)
+                    continue
+                while any(related(e, r) for r in running.values()):
+                    changed = trio.Event()
+                    await changed.wait()
+                await slots.acquire()
+                if state["stop"] or not c.online:
+                    slots.release()
+                    break
+                running[e.seq] = e
+                nursery.start_soon(one, e)
+        return state["replayed"]
 
     def _truth(self, c: Child, path: str, e: Entry) -> Child | None:
         """A healthy child other than ``c`` that is up to date for ``path`` (None: ``c`` itself is)."""

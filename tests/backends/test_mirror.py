@@ -217,3 +217,24 @@ def test_quorum_2_of_3_real_servers(tmp_path: Path, spare_moto, s3_remote, s3_se
         await mi.aclose()
 
     trio.run(main)
+
+
+def test_many_missed_changes_are_repaired(tmp_path: Path) -> None:
+    """Hundreds of missed changes on many paths, some on the same path, repair to the same tree."""
+
+    async def main() -> None:
+        mi, kids = make(tmp_path)
+        kids[0].mode = "down"
+        await mi.mkdir("d")
+        for i in range(300):
+            await put(mi, f"d/f{i % 120}", b"%d" % i)  # most paths written two or three times
+            if i % 50 == 49:
+                await mi.delete(f"d/f{i % 120}")
+        kids[0].mode = "up"
+        started = time.monotonic()
+        await wait_until(lambda: _all_equal(kids), timeout=60, what="repair")
+        await wait_until(lambda: _no_pending(mi), what="log to drain")
+        assert time.monotonic() - started < 30
+        await mi.aclose()
+
+    trio.run(main)
