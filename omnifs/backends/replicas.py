@@ -77,6 +77,7 @@ TRANSIENT_LIMIT = 3  # consecutive transient errors that open a child's circuit
 STRAGGLER_WAIT = 60.0  # repair waits this long for abandoned calls to a child to finish
 CHILD_SLOTS = 8  # calls running on one child at once
 MAX_REPLAY_FAILURES = 5  # an entry whose replay keeps failing (not for unavailability) is skipped
+LONG_CALL_CAP = 600.0  # seconds a heartbeat-checked call (listing, directory rename) may last
 REPAIR_PARALLEL = 4  # entries on unrelated paths replayed at once per child
 
 
@@ -607,14 +608,24 @@ class ReplicaSet(Backend):
             c.retry_at = trio.current_time() + c.backoff
             log.warning("%s: remote %s is down (%s); using the others", self.name, c.name, reason)
 
-    async def _call(self, c: Child, timeout: float, fn: Callable[[Backend], Awaitable[T]], *, probe: bool = False) -> T:
+    async def _call(
+        self,
+        c: Child,
+        timeout: float,
+        fn: Callable[[Backend], Awaitable[T]],
+        *,
+        probe: bool = False,
+        heartbeat: bool = False,
+    ) -> T:
         """Run ``fn(child)``; silence past ``timeout`` or unavailability marks the child down.
 
         At most ``CHILD_SLOTS`` calls run on a child at once; waiting for a slot
         is not silence (but is given up when the child is found down meanwhile,
         and then the call never runs).  A call that times out is not cancelled:
         it keeps running in the background (a straggler) so that repair can wait
-        for it to finish before touching the same child.
+        for it to finish before touching the same child.  With ``heartbeat`` a
+        call past ``timeout`` goes on (up to ``LONG_CALL_CAP``) while the child
+        answers a ``stat("")`` probe within ``op_timeout``.
         """
         if self._nursery is None:
             raise BackendUnavailable(f"{self.name} is closed")
@@ -645,6 +656,17 @@ class ReplicaSet(Backend):
                     await started.wait()
             with trio.move_on_after(timeout):
                 await finished.wait()
+            if heartbeat:
+                # A long call (a big listing, a directory rename) may go on while the
+                # child keeps answering a quick probe; silence of the probe ends it.
+                with trio.move_on_after(LONG_CALL_CAP):
+                    while not finished.is_set():
+                        try:
+                            await self._call(c, self.op_timeout, lambda b: b.stat(""), probe=True)
+                        except OmniError:
+                            break
+                        with trio.move_on_after(timeout):
+                            await finished.wait()
         finally:
             if not finished.is_set():  # timed out, found down, or the caller was cancelled
                 if started.is_set():
@@ -692,7 +714,13 @@ class ReplicaSet(Backend):
 
     # --- reads ---------------------------------------------------------------------------------------
     async def _read(
-        self, path: str, timeout: float, fn: Callable[[Backend], Awaitable[T]], *, tree: bool = False
+        self,
+        path: str,
+        timeout: float,
+        fn: Callable[[Backend], Awaitable[T]],
+        *,
+        tree: bool = False,
+        heartbeat: bool = False,
     ) -> tuple[int, T]:
         """Ask the first healthy child that is up to date for ``path``; others only if it is down."""
         await self._ensure_started()
@@ -704,7 +732,7 @@ class ReplicaSet(Backend):
             if (self.log.stale_tree if tree else self.log.stale_obj)(c.index, path):
                 continue
             try:
-                return c.index, await self._call(c, timeout, fn)
+                return c.index, await self._call(c, timeout, fn, heartbeat=heartbeat)
             except OmniError as exc:
                 if not is_unavailable(exc):
                     raise
@@ -725,13 +753,13 @@ class ReplicaSet(Backend):
         path = check_path(path)
         timeout = self.op_timeout * 4
         try:
-            c, infos = await self._read(path, timeout, lambda b: b.list(path), tree=True)
+            c, infos = await self._read(path, timeout, lambda b: b.list(path), tree=True, heartbeat=True)
             return [self._out(c, i) for i in infos]
         except BackendUnavailable:
             pass
         # No child is up to date below ``path``: list a healthy one and correct the
         # names it has pending operations on from children that are up to date for them.
-        c, infos = await self._read(path, timeout, lambda b: b.list(path))
+        c, infos = await self._read(path, timeout, lambda b: b.list(path), heartbeat=True)
         merged = {i.name: self._out(c, i) for i in infos}
         prefix = f"{path}/" if path else ""
         names = {
@@ -774,7 +802,15 @@ class ReplicaSet(Backend):
         return (await self._read("", self.op_timeout, lambda b: b.statfs()))[1]
 
     # --- changes -------------------------------------------------------------------------------------
-    async def _apply(self, op: str, paths: tuple[str, ...], timeout: float, fn: Callable[[Backend], Awaitable[T]]) -> T:
+    async def _apply(
+        self,
+        op: str,
+        paths: tuple[str, ...],
+        timeout: float,
+        fn: Callable[[Backend], Awaitable[T]],
+        *,
+        heartbeat: bool = False,
+    ) -> T:
         """Log, then run a change on the targets; see the module docstring for the protocol."""
         await self._ensure_started()
         tried: set[int] = set()
@@ -799,11 +835,11 @@ class ReplicaSet(Backend):
                 outcomes: dict[int, _Outcome] = {}
 
                 if len(targets) == 1:
-                    await self._collect(src, timeout, fn, outcomes)
+                    await self._collect(src, timeout, fn, outcomes, heartbeat)
                 else:
                     async with trio.open_nursery() as nursery:
                         for c in targets:
-                            nursery.start_soon(self._collect, c, timeout, fn, outcomes)
+                            nursery.start_soon(self._collect, c, timeout, fn, outcomes, heartbeat)
                 answered = [c for c in targets if outcomes[c.index].ok or not is_unavailable(outcomes[c.index].value)]
                 if not answered:
                     # Nobody acknowledged: only the silent targets may have applied it.
@@ -847,10 +883,15 @@ class ReplicaSet(Backend):
                 self._wake.set()
 
     async def _collect(
-        self, c: Child, timeout: float, fn: Callable[[Backend], Awaitable[Any]], outcomes: dict[int, _Outcome]
+        self,
+        c: Child,
+        timeout: float,
+        fn: Callable[[Backend], Awaitable[Any]],
+        outcomes: dict[int, _Outcome],
+        heartbeat: bool = False,
     ) -> None:
         try:
-            outcomes[c.index] = _Outcome(True, await self._call(c, timeout, fn))
+            outcomes[c.index] = _Outcome(True, await self._call(c, timeout, fn, heartbeat=heartbeat))
         except Exception as exc:
             outcomes[c.index] = _Outcome(False, exc)
 
@@ -888,7 +929,7 @@ class ReplicaSet(Backend):
         src, dst = check_path(src), check_path(dst)
         if not self.capabilities.rename:
             raise NotSupported(f"{self.name}: not every remote can rename")
-        await self._apply("rename", (src, dst), max(30.0, self.op_timeout), lambda b: b.rename(src, dst))
+        await self._apply("rename", (src, dst), self.op_timeout * 4, lambda b: b.rename(src, dst), heartbeat=True)
         for key in [k for k in self._alias if k[1] == src or k[1].startswith(src + "/")]:
             self._alias[(key[0], dst + key[1][len(src) :])] = self._alias.pop(key)
 
@@ -1036,7 +1077,7 @@ class ReplicaSet(Backend):
         have_src = await self._stat(c, src)
         if have_src is not None and await self._stat(d, src) is None and await self._stat(c, dst) is None:
             with contextlib.suppress(NotFound, AlreadyExists, NotEmpty):
-                await self._call(c, max(30.0, self.op_timeout), lambda b: b.rename(src, dst))
+                await self._call(c, self.op_timeout * 4, lambda b: b.rename(src, dst), heartbeat=True)
         await self._sync(c, d, src, deep=True)
         await self._sync(c, d, dst, deep=True)
 
@@ -1080,8 +1121,8 @@ class ReplicaSet(Backend):
                 await self._sync_xattrs(c, d, path)
             if deep:
                 timeout = self.op_timeout * 4
-                theirs = {i.name for i in await self._call(d, timeout, lambda b: b.list(path))}
-                mine = {i.name for i in await self._call(c, timeout, lambda b: b.list(path))}
+                theirs = {i.name for i in await self._call(d, timeout, lambda b: b.list(path), heartbeat=True)}
+                mine = {i.name for i in await self._call(c, timeout, lambda b: b.list(path), heartbeat=True)}
                 for name in sorted(theirs | mine):
                     await self._sync(c, d, join(path, name), deep=True)
 
@@ -1158,7 +1199,7 @@ class ReplicaSet(Backend):
             with contextlib.suppress(NotFound):
                 await self._call(c, self.op_timeout, lambda b: b.delete(path))
             return
-        for info in await self._call(c, self.op_timeout * 4, lambda b: b.list(path)):
+        for info in await self._call(c, self.op_timeout * 4, lambda b: b.list(path), heartbeat=True):
             await self._remove(c, info.path, info)
         with contextlib.suppress(NotFound):
             await self._call(c, self.op_timeout, lambda b: b.rmdir(path))

@@ -279,3 +279,32 @@ def test_torn_log_tail_is_ignored(tmp_path: Path) -> None:
         await fo.aclose()
 
     trio.run(second)
+
+
+class SlowList(FaultyBackend):
+    """Listings take ``delay`` seconds, while every other call answers at once."""
+
+    delay = 3.0
+
+    async def list(self, path: str):  # type: ignore[override]
+        await trio.sleep(self.delay)
+        return await super().list(path)
+
+
+def test_slow_listing_of_a_live_remote_is_not_an_outage(tmp_path: Path) -> None:
+    async def main() -> None:
+        slow = SlowList(MemoryBackend("a"))
+        fo = FailoverBackend("fo", [slow, MemoryBackend("b")], log_dir=tmp_path / "log", op_timeout=0.3)
+        await put(fo, "f", b"x")
+        assert [i.name for i in await fo.list("")] == ["f"]  # 3 s > 4 x 0.3 s, but the remote answers probes
+        assert fo.replica_status()[0]["online"] is True
+        await wait_until(lambda: _no_pending(fo), what="the standby to catch up")
+        slow.mode = "frozen"
+        started = time.monotonic()
+        assert [i.name for i in await fo.list("")] == ["f"]  # a is silent, also to probes: b answers
+        assert time.monotonic() - started < 3.0
+        assert fo.replica_status()[0]["online"] is False
+        slow.mode = "up"
+        await fo.aclose()
+
+    trio.run(main)
