@@ -75,7 +75,7 @@ CHUNK = 4 << 20  # repair copies in pieces of this size
 PROBE_BACKOFF = (0.5, 5.0)  # first and longest delay between probes of a child that is down
 TRANSIENT_LIMIT = 3  # consecutive transient errors that open a child's circuit
 STRAGGLER_WAIT = 60.0  # repair waits this long for abandoned calls to a child to finish
-CHILD_SLOTS = 8  # calls running on one child at once
+CHILD_SLOTS = 8  # calls running on one child at once (unless the child says how many threads it runs)
 MAX_REPLAY_FAILURES = 5  # an entry whose replay keeps failing (not for unavailability) is skipped
 LONG_CALL_CAP = 600.0  # seconds a heartbeat-checked call (listing, directory rename) may last
 REPAIR_PARALLEL = 4  # entries on unrelated paths replayed at once per child
@@ -437,6 +437,7 @@ class Child:
     retry_at: float = 0.0
     backoff: float = PROBE_BACKOFF[0]
     stragglers: int = 0  # calls whose caller gave up waiting; still running
+    last_answer: float = float("-inf")  # trio clock: when a call last got an answer
     probing: bool = False
     repairing: bool = False
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(CHILD_SLOTS))
@@ -493,7 +494,11 @@ class ReplicaSet(Backend):
             raise InvalidArgument(f"{name}: needs one or more children with distinct names, got {names}")
         if not 1 <= required <= len(children):
             raise InvalidArgument(f"{name}: {required} acknowledgements asked of {len(children)} remotes")
-        self.children = [Child(i, b) for i, b in enumerate(children)]
+        # As many calls at once per child as the child runs threads (its own limiter).
+        self.children = [
+            Child(i, b, slots=trio.CapacityLimiter(getattr(b, "_max_threads", CHILD_SLOTS)))
+            for i, b in enumerate(children)
+        ]
         self.capabilities = intersect([c.capabilities for c in children])
         if log_dir is None:
             from omnifs.config import state_home
@@ -623,9 +628,12 @@ class ReplicaSet(Backend):
         is not silence (but is given up when the child is found down meanwhile,
         and then the call never runs).  A call that times out is not cancelled:
         it keeps running in the background (a straggler) so that repair can wait
-        for it to finish before touching the same child.  With ``heartbeat`` a
-        call past ``timeout`` goes on (up to ``LONG_CALL_CAP``) while the child
-        answers a ``stat("")`` probe within ``op_timeout``.
+        for it to finish before touching the same child.
+
+        Past ``timeout`` the call is still waited for while other calls to the
+        child are answered (one in the last ``op_timeout``): a busy child is not
+        a silent one.  With ``heartbeat`` it also goes on (up to ``LONG_CALL_CAP``)
+        while the child answers a ``stat("")`` probe within ``op_timeout``.
         """
         if self._nursery is None:
             raise BackendUnavailable(f"{self.name} is closed")
@@ -640,8 +648,11 @@ class ReplicaSet(Backend):
                         return
                     started.set()
                     box.append(_Outcome(True, await fn(c.backend)))
+                    c.last_answer = trio.current_time()
             except Exception as exc:
                 box.append(_Outcome(False, exc))
+                if not is_unavailable(exc):
+                    c.last_answer = trio.current_time()
             finally:
                 finished.set()
                 if state["abandoned"]:
@@ -656,6 +667,15 @@ class ReplicaSet(Backend):
                     await started.wait()
             with trio.move_on_after(timeout):
                 await finished.wait()
+            # A busy child is not a silent one: while other calls to it keep being
+            # answered (at least one in the last ``op_timeout``), keep waiting.
+            with trio.move_on_after(LONG_CALL_CAP):
+                while not finished.is_set():
+                    quiet = trio.current_time() - c.last_answer
+                    if quiet >= self.op_timeout:
+                        break
+                    with trio.move_on_after(self.op_timeout - quiet):
+                        await finished.wait()
             if heartbeat:
                 # A long call (a big listing, a directory rename) may go on while the
                 # child keeps answering a quick probe; silence of the probe ends it.

@@ -238,3 +238,20 @@ def test_many_missed_changes_are_repaired(tmp_path: Path) -> None:
         await mi.aclose()
 
     trio.run(main)
+
+
+class TestMirrorS3AndLocal(BackendConformance):
+    """The suite over a real S3 server and a local directory (the first answers reads)."""
+
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path, s3_remote):
+        from tests.fixtures_s3 import make_s3_backend
+
+        def make() -> MirrorBackend:
+            root = tmp_path / uuid.uuid4().hex
+            (root / "loc").mkdir(parents=True)
+            return MirrorBackend(
+                "mi", [make_s3_backend(s3_remote), LocalBackend("loc", str(root / "loc"))], log_dir=root / "log"
+            )
+
+        return make
