@@ -77,6 +77,7 @@ TRANSIENT_LIMIT = 3  # consecutive transient errors that open a child's circuit
 STRAGGLER_WAIT = 60.0  # repair waits this long for abandoned calls to a child to finish
 CHILD_SLOTS = 8  # calls running on one child at once (unless the child says how many threads it runs)
 MAX_REPLAY_FAILURES = 5  # an entry whose replay keeps failing (not for unavailability) is skipped
+BUSY_FACTOR = 3  # a call to a busy (not silent) child is waited for up to this many extra timeouts
 LONG_CALL_CAP = 600.0  # seconds a heartbeat-checked call (listing, directory rename) may last
 REPAIR_PARALLEL = 4  # entries on unrelated paths replayed at once per child
 
@@ -630,10 +631,12 @@ class ReplicaSet(Backend):
         it keeps running in the background (a straggler) so that repair can wait
         for it to finish before touching the same child.
 
-        Past ``timeout`` the call is still waited for while other calls to the
-        child are answered (one in the last ``op_timeout``): a busy child is not
-        a silent one.  With ``heartbeat`` it also goes on (up to ``LONG_CALL_CAP``)
-        while the child answers a ``stat("")`` probe within ``op_timeout``.
+        Past ``timeout`` the call is still waited for (up to ``BUSY_FACTOR``
+        more timeouts) while other calls to the child are answered (one in the
+        last ``op_timeout``): a busy child is not a silent one; such a call then
+        fails with TransientError, which opens the circuit only when repeated.
+        With ``heartbeat`` it also goes on (up to ``LONG_CALL_CAP``) while the
+        child answers a ``stat("")`` probe within ``op_timeout``.
         """
         if self._nursery is None:
             raise BackendUnavailable(f"{self.name} is closed")
@@ -668,8 +671,8 @@ class ReplicaSet(Backend):
             with trio.move_on_after(timeout):
                 await finished.wait()
             # A busy child is not a silent one: while other calls to it keep being
-            # answered (at least one in the last ``op_timeout``), keep waiting.
-            with trio.move_on_after(LONG_CALL_CAP):
+            # answered (at least one in the last ``op_timeout``), keep waiting a while.
+            with trio.move_on_after(BUSY_FACTOR * timeout):
                 while not finished.is_set():
                     quiet = trio.current_time() - c.last_answer
                     if quiet >= self.op_timeout:
@@ -695,6 +698,9 @@ class ReplicaSet(Backend):
                 else:
                     state["skip"] = True
         if not box:
+            if trio.current_time() - c.last_answer < self.op_timeout:  # slow, but the child answers others
+                self._failed(c, f"a call got no answer within {timeout:g} s (the remote is busy)", hard=False)
+                raise TransientError(f"{c.name}: no answer within {timeout:g} s (busy)")
             self._failed(c, f"no answer within {timeout:g} s", hard=True)
             raise BackendUnavailable(f"{c.name}: no answer within {timeout:g} s")
         out = box[0]
