@@ -308,3 +308,38 @@ def test_slow_listing_of_a_live_remote_is_not_an_outage(tmp_path: Path) -> None:
         await fo.aclose()
 
     trio.run(main)
+
+
+class StuckWrites(FaultyBackend):
+    """Writes to names starting with "stuck" never return; everything else answers at once."""
+
+    async def write(self, path, src, attrs=None):  # type: ignore[override]
+        if path.startswith("stuck"):
+            await trio.sleep_forever()
+        return await super().write(path, src, attrs)
+
+
+def test_stuck_call_on_a_busy_remote_fails_over_without_marking_it_down(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = StuckWrites(MemoryBackend("a")), MemoryBackend("b")
+        fo = FailoverBackend("fo", [a, b], log_dir=tmp_path / "log", op_timeout=0.3)
+        await put(fo, "f", b"x")
+
+        async def traffic() -> None:  # other calls keep being answered: a is busy, not silent
+            while True:
+                await fo.stat("f")
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic)
+            started = time.monotonic()
+            await put(fo, "stuck-1", b"y")
+            took = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        assert 0.3 * 3 < took < 3.0, took
+        assert await b.read("stuck-1", 0, 10) == b"y"
+        assert fo.replica_status()[0]["online"] is True  # one transient failure does not open the circuit
+        assert await fo.read("stuck-1", 0, 10) == b"y"  # a has it pending: served by b
+        await fo.aclose()
+
+    trio.run(main)
