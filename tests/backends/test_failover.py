@@ -39,6 +39,19 @@ class TestFailoverLocal(BackendConformance):
         return make
 
 
+class TestFailoverPrimaryDown(BackendConformance):
+    """The whole suite while the primary is down: everything is served by the secondary."""
+
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        def make() -> FailoverBackend:
+            down = FaultyBackend(MemoryBackend("a"))
+            down.mode = "down"
+            return FailoverBackend("fo", [down, MemoryBackend("b")], log_dir=tmp_path / uuid.uuid4().hex)
+
+        return make
+
+
 def make(tmp_path: Path, n: int = 2, timeout: float = 0.5) -> tuple[FailoverBackend, list[FaultyBackend]]:
     kids = [FaultyBackend(MemoryBackend(f"c{i}")) for i in range(n)]
     return FailoverBackend("fo", kids, log_dir=tmp_path / "log", op_timeout=timeout), kids
@@ -340,6 +353,25 @@ def test_stuck_call_on_a_busy_remote_fails_over_without_marking_it_down(tmp_path
         assert await b.read("stuck-1", 0, 10) == b"y"
         assert fo.replica_status()[0]["online"] is True  # one transient failure does not open the circuit
         assert await fo.read("stuck-1", 0, 10) == b"y"  # a has it pending: served by b
+        await fo.aclose()
+
+    trio.run(main)
+
+
+def test_standby_down_then_back_catches_up(tmp_path: Path) -> None:
+    async def main() -> None:
+        fo, (a, b) = make(tmp_path)
+        b.mode = "frozen"
+        await fo.mkdir("d")
+        for i in range(20):
+            await put(fo, f"d/f{i}", b"%d" % i)
+        await fo.rename("d", "e")
+        assert await tree(a.inner) == {"e": None, **{f"e/f{i}": b"%d" % i for i in range(20)}}
+        await trio.sleep(1.0)  # b is found silent by the standby copies
+        assert fo.replica_status()[1]["online"] is False
+        b.mode = "up"
+        await wait_until(lambda: _equal(a.inner, b.inner), what="the standby to catch up")
+        await wait_until(lambda: _no_pending(fo), what="log to drain")
         await fo.aclose()
 
     trio.run(main)

@@ -41,6 +41,20 @@ class TestMirrorLocalQuorum(BackendConformance):
         return make
 
 
+class TestMirrorOneDown(BackendConformance):
+    """The whole suite with quorum 2 of 3 while the first remote is down."""
+
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path):
+        def make() -> MirrorBackend:
+            down = FaultyBackend(MemoryBackend("a"))
+            down.mode = "down"
+            kids = [down, MemoryBackend("b"), MemoryBackend("c")]
+            return MirrorBackend("mi", kids, policy="quorum", quorum=2, log_dir=tmp_path / uuid.uuid4().hex)
+
+        return make
+
+
 def make(tmp_path: Path, policy: str = "quorum", quorum: int | None = 2) -> tuple[MirrorBackend, list[FaultyBackend]]:
     kids = [FaultyBackend(MemoryBackend(f"c{i}")) for i in range(3)]
     return MirrorBackend("mi", kids, policy=policy, quorum=quorum, log_dir=tmp_path / "log", op_timeout=0.5), kids  # type: ignore[arg-type]
