@@ -222,6 +222,7 @@ class RepairLog:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         index = {n: i for i, n in enumerate(self.names)}
         found: dict[int, Entry] = {}
+        known: set[str] | None = None  # the children of the run that wrote the log
         if self.path.exists():
             with open(self.path, "rb") as f:
                 for raw in f:
@@ -233,7 +234,9 @@ class RepairLog:
                     except ValueError:
                         log.warning("replica log %s: ignoring an unreadable record", self.path)
                         continue
-                    if "e" in rec:
+                    if "children" in rec:
+                        known = set(rec["children"])
+                    elif "e" in rec:
                         to = {index[n] for n in rec["to"] if n in index}
                         found[rec["e"]] = Entry(rec["e"], rec["op"], tuple(rec["p"]), index.get(rec["src"]), to)
                         self._seq = max(self._seq, rec["e"])
@@ -243,6 +246,11 @@ class RepairLog:
                         e.pending = {index[n] for n in rec["to"] if n in index}
                     elif "d" in rec and rec["d"] in found and rec["c"] in index:
                         found[rec["d"]].pending.discard(index[rec["c"]])
+        for name in self.names if known is not None else []:
+            if name not in known:  # a remote added to the wrapper: copy everything to it first
+                log.warning("replica log %s: remote %s is new here; it gets a full copy", self.path, name)
+                self._seq += 1
+                found[self._seq] = Entry(self._seq, "resync", ("",), None, {index[name]})
         for e in found.values():
             pending, e.pending = e.pending, set()
             self._set_pending(e, pending)
@@ -276,9 +284,10 @@ class RepairLog:
             + "\n"
             for e in self._live()
         ]
+        header = json.dumps({"children": self.names}) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=".log.", dir=self.directory)
         with os.fdopen(fd, "wb") as f:
-            f.write("".join(lines).encode())
+            f.write((header + "".join(lines)).encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -1090,6 +1099,14 @@ class ReplicaSet(Backend):
         if e.op == "rename":
             await self._replay_rename(c, e)
             return
+        if e.op == "resync":  # a remote new to this wrapper: copy the whole tree from an up-to-date one
+            d = next(
+                (d for d in self.children if d is not c and d.online and not self.log.stale_obj(d.index, "")), None
+            )
+            if d is None or d.stragglers:
+                raise _Stall("no healthy, up-to-date remote to copy from")
+            await self._sync(c, d, "", deep=True, loose=False)
+            return
         for p in e.paths:
             d = self._truth(c, p, e)
             if d is not None:
@@ -1113,7 +1130,7 @@ class ReplicaSet(Backend):
         except NotFound:
             return None
 
-    async def _sync(self, c: Child, d: Child, path: str, *, deep: bool) -> None:
+    async def _sync(self, c: Child, d: Child, path: str, *, deep: bool, loose: bool | None = None) -> None:
         """Make ``c``'s object at ``path`` match ``d``'s (content, attributes, xattrs; children if ``deep``)."""
         t = await self._stat(d, path)
         have = await self._stat(c, path)
@@ -1126,7 +1143,7 @@ class ReplicaSet(Backend):
             have = None
         attrs = self._attrs_of(t)
         if t.kind == "file":
-            if have is None or not self._same_content(c, d, path, have, t, loose=deep):
+            if have is None or not self._same_content(c, d, path, have, t, loose=deep if loose is None else loose):
                 await self._copy(c, d, path, t, attrs)
             elif attrs is not None and self._attrs_differ(have, t):
                 await self._call(c, self.op_timeout * 4, lambda b: b.set_attrs(path, attrs))
@@ -1150,7 +1167,7 @@ class ReplicaSet(Backend):
                 theirs = {i.name for i in await self._call(d, timeout, lambda b: b.list(path), heartbeat=True)}
                 mine = {i.name for i in await self._call(c, timeout, lambda b: b.list(path), heartbeat=True)}
                 for name in sorted(theirs | mine):
-                    await self._sync(c, d, join(path, name), deep=True)
+                    await self._sync(c, d, join(path, name), deep=True, loose=loose)
 
     def _attrs_of(self, t: ObjectInfo) -> SetAttrs | None:
         if not self.capabilities.posix_attrs or t.kind == "symlink":

@@ -188,7 +188,7 @@ def test_log_survives_restart(tmp_path: Path) -> None:
         await fo.aclose()
 
     trio.run(second)
-    assert (tmp_path / "log" / "log.jsonl").stat().st_size == 0  # compacted
+    assert (tmp_path / "log" / "log.jsonl").read_text().splitlines() == ['{"children": ["a", "b"]}']  # compacted
 
 
 # --- real servers ------------------------------------------------------------------------------------
@@ -375,3 +375,25 @@ def test_standby_down_then_back_catches_up(tmp_path: Path) -> None:
         await fo.aclose()
 
     trio.run(main)
+
+
+def test_a_remote_added_later_gets_a_full_copy(tmp_path: Path) -> None:
+    a, b, c = MemoryBackend("a"), MemoryBackend("b"), MemoryBackend("c")
+
+    async def first() -> None:
+        fo = FailoverBackend("fo", [a, b], log_dir=tmp_path / "log")
+        await fo.mkdir("d")
+        await put(fo, "d/f", b"before c existed")
+        await wait_until(lambda: _equal(a, b), what="catch up")
+        await fo.aclose()
+
+    trio.run(first)
+
+    async def second() -> None:
+        await put(c, "stray", b"not in the others")
+        fo = FailoverBackend("fo", [a, b, c], log_dir=tmp_path / "log")
+        await fo.stat("")
+        await wait_until(lambda: _equal(a, c), what="the new remote to get a full copy")
+        await fo.aclose()
+
+    trio.run(second)
