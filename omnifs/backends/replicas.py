@@ -10,11 +10,15 @@ Every change goes through the same steps:
    fsync it, *before* any child sees the change; ``src`` (the first target)
    is the child the others will be repaired from, and the entry is pending
    on every other child;
-3. run the change on the targets, each call bounded by a timeout; children
-   that acknowledged are marked done (lazily, without fsync: a lost "done"
-   only repeats an idempotent copy).
+3. run the change on the targets (failover: the first one only; mirror: all
+   of them), each call bounded by a timeout; children that acknowledged are
+   marked done (lazily, without fsync: a lost "done" only repeats an
+   idempotent copy).  If the source did not answer, the entry is re-pointed
+   (``settle``) at the child that did, or at nobody, before the next attempt.
 
-A background task replays each child's pending entries in order, by making
+So failover standbys are copied to in the background, like a mirror remote
+that was down.  A background task replays each child's pending entries in
+order (unrelated paths up to four at a time), by making
 the child's state of each path equal to that of a healthy child that has no
 pending entry on it (copy of the current content, attributes and xattrs;
 removal; ``mkdir``; ``rename`` for a missed rename).  The log lives in
