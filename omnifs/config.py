@@ -16,7 +16,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class RemoteConfig:
     file: str | None = None
     line: int | None = None
     secrets: tuple[str, ...] = ()  # secret options stored in the keyring (names only)
+    children: tuple[RemoteConfig, ...] = ()  # wrapper types (failover, mirror): the remotes they use, resolved
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,7 @@ def parse_config(text: str, path: Path) -> Config:
         _validate(name, rtype, opts, str(path), line, key_lines)
         stored = _stored_secrets(name, rtype, table.get(SECRETS_KEY, []), str(path), line, key_lines)
         remotes[name] = RemoteConfig(name, rtype, opts, str(path), line, stored)
-    return Config(path, remotes)
+    return Config(path, _link_wrappers(remotes, str(path), key_lines))
 
 
 def validate_remote(name: str, rtype: str, options: Mapping[str, Any], file: str | None = None) -> None:
@@ -227,6 +228,65 @@ def _validate(
             raise ConfigError(f"remote {name!r}: missing required key {key!r}", file=file, line=line, key=key)
 
 
+# --- wrapper remotes (failover, mirror) ------------------------------------------------------
+
+
+def _link_wrappers(
+    remotes: Mapping[str, RemoteConfig], file: str, key_lines: Mapping[tuple[str, str], int]
+) -> dict[str, RemoteConfig]:
+    """Resolve the ``remotes = [...]`` of wrapper types into child configs, recursively.
+
+    An unknown name, a cycle, or an option the wrapper rejects (``check_options``:
+    policy, quorum ...) is a ConfigError naming the file, line and key.
+    """
+    done: dict[str, RemoteConfig] = {}
+
+    def where(name: str, key: str) -> dict[str, Any]:
+        return {"file": file, "line": key_lines.get((name, key), remotes[name].line), "key": key}
+
+    def link(name: str, chain: tuple[str, ...]) -> RemoteConfig:
+        if name in done:
+            return done[name]
+        rc = remotes[name]
+        cls = backend_class(rc.type)
+        key = getattr(cls, "children_option", None)
+        if key is None:
+            done[name] = rc
+            return rc
+        problem = cls.check_options(rc.options)  # type: ignore[attr-defined]
+        if problem is not None:
+            raise ConfigError(f"remote {name!r}: {problem.message}", **where(name, problem.key))
+        children = []
+        for child in rc.options[key]:
+            if child not in remotes:
+                known = ", ".join(sorted(n for n in remotes if n != name)) or "none"
+                raise ConfigError(
+                    f"remote {name!r}: unknown remote {child!r} in {key!r} (known: {known})", **where(name, key)
+                )
+            if child in chain or child == name:
+                cycle = " -> ".join((*chain, name, child)[(*chain, name).index(child) :])
+                raise ConfigError(f"remote {name!r}: {key!r} makes a cycle ({cycle})", **where(name, key))
+            children.append(link(child, (*chain, name)))
+        seen: dict[str, str] = {}
+        for ch in children:
+            for used in _tree_names(ch):
+                if used in seen:
+                    via = f"'{seen[used]}' and '{ch.name}'" if seen[used] != ch.name else f"'{ch.name}'"
+                    raise ConfigError(
+                        f"remote {name!r}: remote {used!r} would be used twice (through {via})", **where(name, key)
+                    )
+                seen[used] = ch.name
+        done[name] = replace(rc, children=tuple(children))
+        return done[name]
+
+    return {name: link(name, ()) for name in remotes}
+
+
+def _tree_names(rc: RemoteConfig) -> list[str]:
+    """``rc`` and every remote below it."""
+    return [rc.name, *(n for ch in rc.children for n in _tree_names(ch))]
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedRemote:
     """A remote spec resolved to a config entry (or an inline definition) and a sub-path."""
@@ -286,6 +346,8 @@ def build_backend(resolved: ResolvedRemote, secrets: Mapping[str, Any] | None = 
 
         secrets = resolve(rc.name, cls.options, rc.secrets)
     opts.update(secrets)
+    if rc.children:
+        opts["children"] = [build_backend(ResolvedRemote(ch.name, ch)) for ch in rc.children]
     backend = cls.from_options(rc.name, opts)
     if resolved.subdir:
         from omnifs.backends.subdir import SubdirBackend
@@ -312,6 +374,8 @@ def coerce_option(name: str, rtype: str, key: str, raw: str) -> Any:
             return low in ("1", "true", "yes", "on")
         if option.type in (int, float):
             return option.type(raw)
+        if option.type is list:
+            return [part.strip() for part in raw.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(
             f"remote {name!r}: option {key!r} must be {option.type.__name__}, got {raw!r}", key=key

@@ -72,6 +72,14 @@ class BackendUnavailable(OmniError):
     errno = _errno.EIO
 
 
+class PathUnavailable(BackendUnavailable):
+    """Some paths cannot be served now, but the backend as a whole answers.
+
+    A replica wrapper raises it when the only up-to-date copy of a path is on
+    a remote that is down; the mount must not go offline for it.
+    """
+
+
 class TransientError(OmniError):
     """A failure worth retrying (throttling, 5xx, timeouts)."""
 

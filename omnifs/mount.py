@@ -293,6 +293,10 @@ def status_record(vfs: VFS, record: MountRecord) -> dict[str, object]:
         "journal": vfs.queue_stats(),
         "updated": time.time(),
     }
+    # Wrapper backends (failover, mirror) report each child: name, online, last_error, pending_repairs.
+    children = getattr(getattr(vfs.backend, "inner", vfs.backend), "replica_status", None)
+    if children is not None:
+        out["backends"] += children()  # type: ignore[operator]
     if cache is not None:
         out["cache"] = {"mode": cache.settings.mode, "dir": str(cache.directory), "max_bytes": cache.settings.max_size}
     return out

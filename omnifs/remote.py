@@ -27,7 +27,7 @@ import trio
 
 from omnifs.backends.base import Backend, ObjectInfo, parent_of, version_key
 from omnifs.cache import DiskCache
-from omnifs.errors import BackendUnavailable, NotADirectory, NotFound, OmniError, TransientError
+from omnifs.errors import BackendUnavailable, NotADirectory, NotFound, OmniError, PathUnavailable, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Remote:
             with trio.move_on_after(timeout) as scope:
                 return await fn(*args)
         except OmniError as exc:
-            if is_unavailable(exc):
+            if is_unavailable(exc) and not isinstance(exc, PathUnavailable):
                 self.mark_offline(exc)
             raise
         assert scope.cancelled_caught

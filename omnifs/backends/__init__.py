@@ -10,8 +10,10 @@ import importlib
 from omnifs.backends.base import Backend
 
 _REGISTRY: dict[str, str] = {
+    "failover": "omnifs.backends.failover:FailoverBackend",
     "local": "omnifs.backends.local:LocalBackend",
     "memory": "omnifs.backends.memory:MemoryBackend",
+    "mirror": "omnifs.backends.mirror:MirrorBackend",
     "s3": "omnifs.backends.s3:S3Backend",
     "sftp": "omnifs.backends.sftp:SFTPBackend",
 }

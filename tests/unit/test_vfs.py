@@ -98,7 +98,7 @@ def test_create_is_local_and_a_name_taken_meanwhile_keeps_both(tmp_path: Path) -
 
     async def main() -> None:
         vfs = make_vfs(tmp_path, write_back=60.0)
-        h, node = await vfs.create(ROOT, "report.txt", 0o644, os.O_WRONLY, CTX)
+        h, _ = await vfs.create(ROOT, "report.txt", 0o644, os.O_WRONLY, CTX)
         await vfs.write(h.fh, 0, b"ours")
         await vfs.release(h.fh)
         await vfs.backend.write("report.txt", io.BytesIO(b"theirs"))
