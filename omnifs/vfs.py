@@ -52,6 +52,7 @@ from omnifs.errors import (
     NotFound,
     NotSupported,
     OmniError,
+    PathUnavailable,
 )
 from omnifs.inodes import Attr, InodeTable, Node
 from omnifs.journal import Journal, OpKind, attrs_dict
@@ -313,8 +314,8 @@ class VFS:
             try:
                 return await self._direct_call(fn, *args, slow=kind == "rename")
             except OmniError as exc:
-                if not is_unavailable(exc):
-                    raise
+                if not is_unavailable(exc) or isinstance(exc, PathUnavailable):
+                    raise  # PathUnavailable: the backend answers, only this path cannot be served now
                 log.warning("%s %s: backend unavailable (%s); journaling the change", kind, path, exc)
         if check is not None:
             await check()
