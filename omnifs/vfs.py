@@ -853,6 +853,8 @@ class VFS:
         async def check() -> None:
             await self._require_empty_dir(path)
 
+        if self._pending_children(path):
+            raise NotEmpty(path)  # files not uploaded yet: the backend would not know
         if await self._change("rmdir", path, _applied, self.backend.rmdir, path, check=check):
             await self.remote.forget_tree(path)
         elif self.remote.cache is not None:  # journaled: keep the parent's cached listing (the offline view)
@@ -897,6 +899,8 @@ class VFS:
                 raise NotADirectory(new)
             if src_kind != "dir" and dst_kind == "dir":
                 raise IsADirectory(new)
+            if dst_kind == "dir" and self._pending_children(new):
+                raise NotEmpty(new)  # holds files not uploaded yet
             if dst_kind == "dir" and not self._direct():
                 await self._require_empty_dir(new)  # the backend would refuse a non-empty one
             victim = self.table.by_path(new)
@@ -1201,6 +1205,7 @@ class VFS:
         if not name.startswith(XATTR_NAMESPACE) or not self.backend.capabilities.xattrs:
             raise NoSuchAttribute(name)  # security.capability etc.: answered without I/O
         node = self.node(inode)
+        await self._settle(node)
         values = await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
         try:
             return values[name]
@@ -1211,6 +1216,7 @@ class VFS:
         if not self.backend.capabilities.xattrs:
             return []
         node = self.node(inode)
+        await self._settle(node)
         return sorted(
             await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
         )
@@ -1223,12 +1229,14 @@ class VFS:
             value = value.strip()
             if value == b"prefetch":  # fetch into the pinned store; the caller pins a parent afterwards
                 node = self.node(inode)
+                await self._settle_tree(node.path)
                 await self._pin_tree(node.path, node.kind)
                 return
             await self._set_pin(self.node(inode), value not in (b"", b"0"))
             return
         self._check_xattr(name)
         node = self.node(inode)
+        await self._settle(node)
         await self._change(
             "set_xattr", node.path, self.backend.set_xattr, node.path, name, value, name=name, value=value
         )
@@ -1240,6 +1248,7 @@ class VFS:
             return
         self._check_xattr(name)
         node = self.node(inode)
+        await self._settle(node)
         await self._change("set_xattr", node.path, self.backend.set_xattr, node.path, name, None, name=name)
         node.attr.ctime_ns = _now()
 
@@ -1252,8 +1261,20 @@ class VFS:
         if not pinned:
             await self.remote.in_cache(cache.unpin, node.path)
             return
+        await self._settle_tree(node.path)  # files not uploaded yet are pinned as uploaded
         await self._pin_tree(node.path, node.kind)
         await self.remote.in_cache(cache.pin, node.path)
+
+    async def _settle(self, node: Node) -> None:
+        """Upload pending data of ``node`` now (deferred if the backend is away), so the backend knows it."""
+        staged = node.staged
+        if staged is not None and staged.dirty and not staged.broken and not node.unlinked:
+            await self._sync(node)
+
+    async def _settle_tree(self, path: str) -> None:
+        for node in self.table.nodes():
+            if node.path == path or node.path.startswith(path + "/") or not path:
+                await self._settle(node)
 
     async def _pin_tree(self, path: str, kind: str) -> None:
         if kind == "dir":

@@ -141,7 +141,10 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condit
     """Poll ``cond`` until it returns something truthy (uploads are written back after close)."""
     deadline = time.monotonic() + timeout
     while True:
-        value = cond()
+        try:
+            value = cond()
+        except FileNotFoundError:  # not there yet (a new file reaches the backend with its first upload)
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
