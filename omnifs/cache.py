@@ -163,6 +163,10 @@ class DiskCache:
                     entries[basename(path)] = info
                 self.meta.set(key, (fetched, entries))
 
+    def forget_stat(self, path: str) -> None:
+        """Drop the cached stat of one path (its parent's listing is left alone)."""
+        self.meta.delete("S\0" + path)
+
     def forget_listing(self, path: str) -> None:
         self.meta.delete("L\0" + path)
 

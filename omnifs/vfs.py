@@ -215,6 +215,7 @@ class VFS:
             and not existing.authoritative
             and existing.info is not None
             and version_key(existing.info) != version_key(info)
+            and not self._derived(info.path)  # a companion keeps its inode: direct_io, nothing cached
         ):
             self._replaced(existing)
             existing = None
@@ -256,7 +257,7 @@ class VFS:
             or node.unlinked
             or node.inode == 1
             or (not node.partial and time.monotonic() - node.refreshed < self.opts.attr_ttl)
-        )
+        ) and (node.authoritative or not self._derived(node.path))  # companions: always asked (metafiles.py)
 
     async def _refresh(self, node: Node, *, force: bool = False) -> Node:
         """Re-read ``node`` through the Remote unless its attributes are fresh or local."""
@@ -264,8 +265,11 @@ class VFS:
             return node
         if node.authoritative or node.unlinked or node.inode == 1:
             return node
+        await self._settle_sources(node.path)
         try:
-            info = await self.remote.stat(node.path, allow_cached=not (force or node.partial))
+            info = await self.remote.stat(
+                node.path, allow_cached=not (force or node.partial or self._derived(node.path))
+            )
         except NotFound:
             self.table.detach(node)
             raise
@@ -393,7 +397,7 @@ class VFS:
             return
         if staged.broken:
             raise OmniError(f"{node.path}: an earlier write failed; the file was not changed", errno=errno.EIO)
-        if self.opts.write_back <= 0:
+        if await self._validate_staged(node, staged) or self.opts.write_back <= 0:
             await self._sync(node)
             return
         async with staged.lock:
@@ -402,6 +406,60 @@ class VFS:
             await staged.write_record(self._record_of(node), durable=True)
             staged.closed_dirty = True
         self._schedule(node, self.opts.write_back)
+
+    # --- companion .meta.json files (omnifs/backends/metafiles.py) ------------------------------------
+    def _derived(self, path: str) -> bool:
+        """True for content the backend renders from another file (a companion): never trusted from caches."""
+        is_companion = getattr(self.backend, "is_companion", None)
+        return bool(is_companion is not None and is_companion(path))
+
+    async def _validate_staged(self, node: Node, staged: StagedFile) -> bool:
+        """Let the backend check a companion at close; True when it is one (then it is stored at once).
+
+        Invalid content raises (the writer sees EINVAL) and is discarded, never
+        uploaded: the backend keeps the metadata it had.  A companion is stored
+        at close rather than after ``write_back`` so that a later invalid write
+        can never take an accepted one down with it (offline, it is deferred
+        through the staging journal like any upload).
+        """
+        validate = getattr(self.backend, "validate_staged", None)
+        if validate is None or node.unlinked or not self._derived(node.path):
+            return False
+        await self._settle_sources(node.path)
+        try:
+            await validate(node.path, staged.path, self._pending_attrs)
+        except OmniError:
+            staged.broken = True
+            raise
+        staged.base_version = None  # rendered content changes with its file: no conflict copies
+        return True
+
+    async def _settle_sources(self, path: str) -> None:
+        """Upload pending data of the file a companion at ``path`` is rendered from, so it shows live values."""
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        if derived_paths is None or not self._derived(path):
+            return
+        parent = parent_of(path)
+        for node in self.table.nodes():
+            staged = node.staged
+            if (
+                staged is not None
+                and staged.dirty
+                and not node.unlinked
+                and not staged.broken
+                and parent_of(node.path) == parent
+                and path in derived_paths(node.path)
+            ):
+                await self._sync(node)
+
+    def _pending_attrs(self, path: str) -> tuple[int, int] | None:
+        """Size and mtime of ``path`` while its newest data is only local (not uploaded yet)."""
+        node = self.table.by_path(path)
+        if node is None or not node.authoritative:
+            return None
+        return node.attr.size, node.attr.mtime_ns
+
+    # --- end of companion hooks ------------------------------------------------------------------
 
     async def _sync(self, node: Node, *, defer: bool = True) -> None:
         """Upload dirty staged data of ``node`` now.
@@ -527,8 +585,11 @@ class VFS:
             path = self._child_path(parent, name)
             node = self.table.by_path(path)
             if node is None or not self._fresh(node):
+                await self._settle_sources(path)
                 try:
-                    info = await self.remote.stat(path, allow_cached=node is None or not node.partial)
+                    info = await self.remote.stat(
+                        path, allow_cached=(node is None or not node.partial) and not self._derived(path)
+                    )
                 except NotFound:
                     if node is not None and not node.authoritative:
                         self.table.detach(node)
@@ -728,6 +789,10 @@ class VFS:
             if node.staged is not None and (node.path == new or node.path.startswith(new + "/")):
                 node.staged.base_version = None  # a server-side copy may have changed the etag
         moved = self.table.by_path(new)
+        if moved is not None and self._derived(new) and moved.staged is not None and not moved.staged.dirty:
+            # Renamed onto a companion: the backend imported the content; the name shows the rendering now.
+            staged, moved.staged = moved.staged, None
+            await staged.close()
         if moved is not None:
             moved.attr.ctime_ns = _now()
             moved.refreshed = 0.0
