@@ -387,5 +387,6 @@ def field_from_xattr(key: str, raw: bytes) -> Any:
         except ValueError:
             kind = "a list" if key == "tags" else "an object"
             raise MetaError(f"{XATTR_PREFIX}{key} must be JSON ({kind})") from None
-        return _check_field(key, value)
+        _check_field(key, value)
+        return value
     return _check_field(key, text)

@@ -65,6 +65,7 @@ FLUSH_XATTR = "user.omnifs.flush"  # control attribute: setting it makes every q
 PENDING_XATTR = "user.omnifs.pending"  # read-only: number of uploads still queued
 
 WRITE_CACHE_MAX = 256 << 20  # larger uploads are not copied into the data cache
+EXCLUSIVE_GRACE = 30.0  # seconds the companion of a file created with O_EXCL stays hidden (_companion_deferred)
 
 T = TypeVar("T")
 
@@ -176,6 +177,8 @@ class VFS:
         self._queued_at: dict[Node, float] = {}
         self.conflicts: list[dict[str, Any]] = []
         self._wakeup = trio.Event()
+        # Files this mount created with O_EXCL (cp into a new folder), for _companion_deferred.
+        self._exclusive: dict[str, float] = {}
 
     # --- helpers --------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -452,6 +455,35 @@ class VFS:
             ):
                 await self._sync(node)
 
+    def _note_created(self, path: str, flags: int) -> None:
+        """Remember files created with O_EXCL; creating a companion ends its deferral."""
+        now = time.monotonic()
+        self._exclusive = {p: t for p, t in self._exclusive.items() if now - t < EXCLUSIVE_GRACE}
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        if derived_paths is None:
+            return
+        if self._derived(path):
+            for p in [p for p in self._exclusive if path in derived_paths(p)]:
+                del self._exclusive[p]
+        elif flags & os.O_EXCL and derived_paths(path):
+            self._exclusive[path] = now
+
+    def _companion_deferred(self, path: str) -> bool:
+        """True for the companion of a file created with O_EXCL moments ago (until it is written).
+
+        ``cp -a`` into a new folder creates every file with O_EXCL, the
+        companion it copies too; a companion that already "exists" would make
+        that fail with EEXIST.  So such a file's companion stays out of sight
+        for EXCLUSIVE_GRACE seconds after its last close, or until written.
+        """
+        if not self._exclusive or not self._derived(path):
+            return False
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        now = time.monotonic()
+        return derived_paths is not None and any(
+            now - t < EXCLUSIVE_GRACE and path in derived_paths(p) for p, t in self._exclusive.items()
+        )
+
     def _pending_attrs(self, path: str) -> tuple[int, int] | None:
         """Size and mtime of ``path`` while its newest data is only local (not uploaded yet)."""
         node = self.table.by_path(path)
@@ -583,6 +615,8 @@ class VFS:
             node = self.table.by_path(parent_of(parent.path)) or self.table.root
         else:
             path = self._child_path(parent, name)
+            if self._companion_deferred(path):
+                raise NotFound(path)
             node = self.table.by_path(path)
             if node is None or not self._fresh(node):
                 await self._settle_sources(path)
@@ -808,6 +842,7 @@ class VFS:
         attrs = SetAttrs(mode=perms, uid=ctx.uid, gid=ctx.gid)
         info = await self._mutate(self.backend.write, path, io.BytesIO(b""), attrs)
         await self.remote.record(path, info)
+        self._note_created(path, flags)
         node = self._ingest(info)
         if node.attr.mode & 0o7777 != perms or node.attr.uid != ctx.uid or node.attr.gid != ctx.gid:
             # The backend keeps no POSIX attributes: show what the caller asked for.
@@ -920,6 +955,8 @@ class VFS:
             return
         node = h.node
         node.open_count -= 1
+        if node.path in self._exclusive:
+            self._exclusive[node.path] = time.monotonic()
         try:
             if h.protected is not None:
                 await self.remote.unprotect(h.protected, also=h.info)
@@ -950,6 +987,8 @@ class VFS:
             dh.entries = await self.remote.list(dh.node.path)
         for index in range(start, len(dh.entries)):
             info = dh.entries[index]
+            if self._companion_deferred(info.path):
+                continue
             node = self._ingest(info)
             if not reply(info.name, node, index + 1):
                 self.table.maybe_drop(node)
@@ -990,6 +1029,11 @@ class VFS:
         if not name.startswith(XATTR_NAMESPACE) or not self.backend.capabilities.xattrs:
             raise NoSuchAttribute(name)  # security.capability etc.: answered without I/O
         node = self.node(inode)
+        get_one = getattr(self.backend, "get_xattr", None)  # metafiles.py: user.omnifs.<field>, also unlisted ones
+        if get_one is not None:
+            if node.staged is not None and node.staged.dirty and not node.staged.broken and not node.unlinked:
+                await self._sync(node)  # system fields (size, etag) must describe the data just written
+            return await self.remote.guarded(get_one, node.path, name, timeout=self.remote.settings.timeout)
         values = await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
         try:
             return values[name]

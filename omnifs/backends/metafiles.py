@@ -382,24 +382,56 @@ class MetaBackend(Backend):
 
     # --- xattrs: user.omnifs.<field> ---------------------------------------------------------------------
     async def get_xattrs(self, path: str) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        if self.inner.capabilities.xattrs:
-            out.update(await self.inner.get_xattrs(path))
-        if self.is_companion(path) or not meta.has_companion(basename(path)):
-            return out
-        info = await self.inner.stat(path)
-        if info.kind != "file" or not meta.dir_has_companions(parent_of(path)):
-            return out
-        d = await self._dir(parent_of(path))
-        slot = d.slot_of(basename(path))
-        if slot is None:
-            return out
-        stored = _stored_name(d, basename(path))
-        _info, data = await self._render(d, slot, d.files[basename(path)], stored)
-        import json
+        """The inner backend's xattrs plus the writable metadata fields that hold a value.
 
-        out.update(meta.to_xattrs(json.loads(data)))
+        Read-only fields (``user.omnifs.size`` ...) are readable by name but not
+        listed, so ``cp -a`` between mounts copies metadata without touching them.
+        """
+        out = await self._inner_xattrs(path)
+        doc = await self._document_of(path)
+        if doc is not None:
+            listed = {k: doc[k] for k in meta.WRITABLE if k != "content_type"}
+            if "content_type" in doc and doc.get("content_type_set"):
+                listed["content_type"] = doc["content_type"]
+            out.update(meta.to_xattrs(listed))
         return out
+
+    async def get_xattr(self, path: str, name: str) -> bytes:
+        """One xattr; every ``user.omnifs.<field>`` of a file with a companion (unset ones: ENODATA)."""
+        if name.startswith(meta.XATTR_PREFIX) and name[len(meta.XATTR_PREFIX) :] in meta.XATTR_FIELDS:
+            doc = await self._document_of(path)
+            if doc is not None:
+                value = meta.to_xattrs(doc).get(name)
+                if value is None:
+                    raise NoSuchAttribute(name)
+                return value
+        values = await self._inner_xattrs(path)
+        try:
+            return values[name]
+        except KeyError:
+            raise NoSuchAttribute(name) from None
+
+    async def _inner_xattrs(self, path: str) -> dict[str, bytes]:
+        if not self.inner.capabilities.xattrs:
+            return {}
+        return dict(await self.inner.get_xattrs(path))
+
+    async def _document_of(self, path: str) -> dict[str, Any] | None:
+        """The metadata document of the regular file ``path`` (None when it has no companion)."""
+        if self.is_companion(path) or not meta.has_companion(basename(path)):
+            return None
+        if not meta.dir_has_companions(parent_of(path)):
+            return None
+        d = await self._dir(parent_of(path))
+        main = d.files.get(basename(path))
+        slot = d.slot_of(basename(path))
+        if main is None or slot is None:
+            return None
+        main = await self._main_info(main)
+        user = await self._user_meta(d, main)
+        doc = meta.document(_system(main), user, self._default_ct(main))
+        doc["content_type_set"] = user.content_type is not None
+        return doc
 
     async def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
         if not name.startswith(meta.XATTR_PREFIX):
