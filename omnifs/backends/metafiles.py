@@ -390,7 +390,7 @@ class MetaBackend(Backend):
         out = await self._inner_xattrs(path)
         doc = await self._document_of(path)
         if doc is not None:
-            listed = {k: doc[k] for k in meta.WRITABLE if k != "content_type"}
+            listed = {k: doc[k] for k in meta.WRITABLE if k != "content_type" and doc[k]}
             if "content_type" in doc and doc.get("content_type_set"):
                 listed["content_type"] = doc["content_type"]
             out.update(meta.to_xattrs(listed))

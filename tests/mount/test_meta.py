@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.mount.conftest import Remote
-from tests.mount.harness import REPO, Mount, wait_for
+from tests.mount.harness import REPO, wait_for
 
 
 def meta_of(path: Path) -> dict[str, Any]:
@@ -123,9 +123,7 @@ def test_vim_edits_companion(remote: Remote, mounter: Any) -> None:
     "change",
     ["{not json", "unknown-key", "changed-size"],
 )
-def test_invalid_writes_are_refused_and_old_metadata_stays(
-    remote: Remote, mounter: Any, s3: Any, change: str
-) -> None:
+def test_invalid_writes_are_refused_and_old_metadata_stays(remote: Remote, mounter: Any, s3: Any, change: str) -> None:
     m = mounter(remote)
     (m.path / "a.csv").write_text("x,y\n")
     comp = m.path / "a.meta.json"
@@ -190,9 +188,7 @@ def test_collisions_use_full_names(remote: Remote, mounter: Any) -> None:
     assert meta_of(m.path / "a.meta.json")["tags"] == ["yaml"]
 
 
-def test_cp_a_tree_with_companions_imports_metadata(
-    remote: Remote, mounter: Any, s3: Any, tmp_path: Path
-) -> None:
+def test_cp_a_tree_with_companions_imports_metadata(remote: Remote, mounter: Any, s3: Any, tmp_path: Path) -> None:
     m = mounter(remote)
     src = tmp_path / "src"
     (src / "deep").mkdir(parents=True)

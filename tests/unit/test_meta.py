@@ -122,7 +122,11 @@ def test_index_find_move_forget(tmp_path: Path) -> None:
         )
         ix.put(f"d/f{i}.yaml", doc)
     assert len(ix.find(tags=["even"])) == 10
-    assert [r["path"] for r in ix.find(tags=["even"], where={"author": "alice"})] == ["d/f0.yaml", "d/f2.yaml", "d/f4.yaml"]
+    assert [r["path"] for r in ix.find(tags=["even"], where={"author": "alice"})] == [
+        "d/f0.yaml",
+        "d/f2.yaml",
+        "d/f4.yaml",
+    ]
     assert [r["path"] for r in ix.find(where={"custom.n": "7"})] == ["d/f7.yaml"]
     assert len(ix.find(name="f1*.yaml")) == 11
     ix.move("d", "e")
