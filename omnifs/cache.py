@@ -167,6 +167,13 @@ class DiskCache:
         """Drop the cached stat of one path (its parent's listing is left alone)."""
         self.meta.delete("S\0" + path)
 
+    def stale_listing(self, path: str) -> None:
+        """Mark a cached listing as outdated: listed again when online, still used while offline."""
+        with self.meta.transact():
+            listing = self.meta.get("L\0" + path)
+            if listing is not None:
+                self.meta.set("L\0" + path, (0.0, listing[1]))
+
     def forget_listing(self, path: str) -> None:
         self.meta.delete("L\0" + path)
 

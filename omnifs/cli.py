@@ -1109,6 +1109,8 @@ def find(
         point = str(mount["mountpoint"])
         under = os.path.relpath(real, point) if real != point else ""
         searches.append((cache_home() / str(mount["remote"]), under, point.rstrip("/") + "/"))
+    elif target is not None and (cache_home() / target.rstrip(":")).is_dir() and ":" not in target.rstrip(":"):
+        searches.append((cache_home() / target.rstrip(":"), "", target.rstrip(":") + ":"))  # a remote's cache by name
     else:
         for directory in _cache_dirs(target, config_file):
             searches.append((directory, "", f"{directory.name}:"))

@@ -50,6 +50,7 @@ class MetaIndex:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._known: dict[str, str] = {}  # path -> last row written by this process (skips repeats)
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
@@ -66,33 +67,48 @@ class MetaIndex:
     # --- updates (from the mount) ---------------------------------------------------------------
     def put(self, path: str, doc: Mapping[str, Any]) -> None:
         """Record the rendered document of the file at ``path`` (replacing what was known)."""
-        tags = [t for t in doc.get("tags") or [] if isinstance(t, str)]
-        row = (
-            path,
-            path.rpartition("/")[2],
-            doc.get("size"),
-            doc.get("modified"),
-            doc.get("content_type"),
-            doc.get("author"),
-            doc.get("description"),
-            json.dumps(doc.get("custom") or {}, sort_keys=True),
-            json.dumps(tags),
-        )
+        self.put_many([(path, doc)])
+
+    def put_many(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Record several documents in one transaction; documents unchanged since the last put are skipped."""
+        rows = []
+        for path, doc in items:
+            tags = [t for t in doc.get("tags") or [] if isinstance(t, str)]
+            row = (
+                path,
+                path.rpartition("/")[2],
+                doc.get("size"),
+                doc.get("modified"),
+                doc.get("content_type"),
+                doc.get("author"),
+                doc.get("description"),
+                json.dumps(doc.get("custom") or {}, sort_keys=True),
+                json.dumps(tags),
+            )
+            if self._known.get(path) != repr(row):
+                rows.append((row, tags))
+        if not rows:
+            return
         with self._lock:
             try:
                 self._db.execute("BEGIN")
-                self._db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?)", row)
-                self._db.execute("DELETE FROM tags WHERE path = ?", (path,))
-                self._db.executemany("INSERT OR IGNORE INTO tags VALUES (?, ?)", [(path, t) for t in tags])
+                for row, tags in rows:
+                    path = row[0]
+                    self._db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?)", row)
+                    self._db.execute("DELETE FROM tags WHERE path = ?", (path,))
+                    self._db.executemany("INSERT OR IGNORE INTO tags VALUES (?, ?)", [(path, t) for t in tags])
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
+            for row, _tags in rows:
+                self._known[row[0]] = repr(row)
 
     def forget(self, path: str) -> None:
         """Drop ``path`` and everything below it."""
         below = _like_prefix(path)
         with self._lock:
+            self._known.clear()
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM files WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, below))
             self._db.execute("DELETE FROM tags WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, below))
@@ -101,6 +117,7 @@ class MetaIndex:
     def move(self, src: str, dst: str) -> None:
         """Re-key ``src`` (a file, or a directory and everything below it) to ``dst``."""
         with self._lock:
+            self._known.clear()
             self._db.execute("BEGIN")
             try:
                 for table in ("files", "tags"):

@@ -216,7 +216,9 @@ class Remote:
         if paths and self.cache is not None:
             for p in paths:
                 await self.in_cache(self.cache.forget_stat, p)
-            await self.in_cache(self.cache.forget_listing, parent_of(path))
+            if getattr(self.backend, "lists_derived", False):
+                # The listing shows the companion too: list again when online, keep it for offline use.
+                await self.in_cache(self.cache.stale_listing, parent_of(path))
 
     # --- data -------------------------------------------------------------------------------
     @property

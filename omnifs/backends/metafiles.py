@@ -118,6 +118,11 @@ class MetaBackend(Backend):
         """True when ``path`` has the companion form (cheap; no I/O).  Used to open with direct_io."""
         return meta.is_companion_name(basename(path)) and meta.dir_has_companions(parent_of(path))
 
+    @property
+    def lists_derived(self) -> bool:
+        """True when listings include companions (``meta_files=show``)."""
+        return self.show
+
     def derived_paths(self, path: str) -> list[str]:
         """Cache entries that change when ``path`` changes: its possible companions (no I/O)."""
         name = basename(path)
@@ -174,11 +179,12 @@ class MetaBackend(Backend):
         stored_of = {m: c for c, m in owners.items()}
         limiter = trio.CapacityLimiter(_PARALLEL)
         rendered: list[ObjectInfo] = []
+        seen: list[Any] = []
 
         async def one(comp: str, main_name: str) -> None:
             async with limiter:
                 try:
-                    info, _data = await self._render(d, comp, d.files[main_name], stored_of.get(main_name))
+                    info, _data = await self._render(d, comp, d.files[main_name], stored_of.get(main_name), seen=seen)
                 except NotFound:
                     return  # deleted meanwhile
                 rendered.append(info)
@@ -186,6 +192,7 @@ class MetaBackend(Backend):
         async with trio.open_nursery() as nursery:
             for comp, main_name in d.slots.items():
                 nursery.start_soon(one, comp, main_name)
+        await self._index(lambda ix: ix.put_many(seen))
         return sorted(out + rendered, key=lambda i: i.name)
 
     async def read(self, path: str, offset: int, size: int) -> bytes:
@@ -518,7 +525,9 @@ class MetaBackend(Backend):
         info = d.files[stored]
         return meta.parse_stored(await self._read_all(info.path, info.size, limit=meta.MAX_DOCUMENT + 1))
 
-    async def _render(self, d: _Dir, comp: str, main: ObjectInfo, stored: str | None) -> tuple[ObjectInfo, bytes]:
+    async def _render(
+        self, d: _Dir, comp: str, main: ObjectInfo, stored: str | None, *, seen: list[Any] | None = None
+    ) -> tuple[ObjectInfo, bytes]:
         """Render the companion ``comp`` of ``main``; ``stored`` names its sidecar file, if any."""
         main = await self._main_info(main)
         if self.native:
@@ -544,7 +553,10 @@ class MetaBackend(Backend):
             ctime_ns=main.ctime_ns,
             etag=f"meta-{digest}",
         )
-        await self._index(lambda ix: ix.put(main.path, doc))
+        if seen is not None:
+            seen.append((main.path, doc))  # indexed in one batch by the caller
+        else:
+            await self._index(lambda ix: ix.put(main.path, doc))
         return info, data
 
     async def _adopt_orphan(self, d: _Dir, comp: str, main: ObjectInfo, user: UserMeta) -> UserMeta:
