@@ -466,7 +466,9 @@ class VFS:
             for p in [p for p in self._exclusive if path in derived_paths(p)]:
                 del self._exclusive[p]
         elif flags & os.O_EXCL and derived_paths(path):
-            self._exclusive[path] = now
+            present = [p for p in derived_paths(path) if (n := self.table.by_path(p)) is not None and not n.unlinked]
+            if not present:  # a companion copied in before its file is the file's metadata already
+                self._exclusive[path] = now
 
     def _companion_deferred(self, path: str) -> bool:
         """True for the companion of a file created with O_EXCL moments ago (until it is written).
