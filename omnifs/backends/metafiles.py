@@ -223,7 +223,8 @@ class MetaBackend(Backend):
             return info
         before = await self._dir(parent_of(path))
         info = await self.inner.write(path, src, attrs)
-        await self._normalise(parent_of(path), before.owners())
+        if basename(path) not in before.files:  # a new name may change which companion names clash
+            await self._normalise(parent_of(path), before.owners())
         await self._after_main_write(path)
         return info
 

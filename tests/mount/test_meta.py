@@ -219,6 +219,31 @@ def test_cp_a_tree_with_companions_imports_metadata(remote: Remote, mounter: Any
         assert sorted(os.listdir(remote.backend_root / "copy")) == ["deep", "one.meta.json", "one.txt"]
 
 
+def test_companion_copied_before_its_file(remote: Remote, mounter: Any, s3: Any) -> None:
+    """cp -a reads the source folder in any order: a companion may arrive before its file."""
+    m = mounter(remote)
+    (m.path / "new").mkdir()
+
+    def create_excl(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    create_excl(m.path / "new" / "song.meta.json", json.dumps({"tags": ["first"], "author": "dan"}).encode())
+    create_excl(m.path / "new" / "song.mp3", b"ID3")
+    create_excl(m.path / "new" / "later.txt", b"L")  # its companion comes second, as cp -a would copy it
+    create_excl(m.path / "new" / "later.meta.json", json.dumps({"tags": ["second"]}).encode())
+    doc = meta_of(m.path / "new" / "song.meta.json")
+    assert doc["tags"] == ["first"] and doc["author"] == "dan" and doc["name"] == "song.mp3"
+    assert meta_of(m.path / "new" / "later.meta.json")["tags"] == ["second"]
+    assert sorted(os.listdir(m.path / "new")) == ["later.meta.json", "later.txt", "song.meta.json", "song.mp3"]
+    if remote.kind == "s3":
+        assert s3_object(remote, s3, "new/song.mp3")["Metadata"]["author"] == "dan"
+        wait_for(lambda: "new/song.meta.json" not in s3_keys(remote, s3), what="the copied-in object imported")
+
+
 def test_xattrs_round_trip(remote: Remote, mounter: Any, s3: Any) -> None:
     m = mounter(remote)
     p = m.path / "pic.png"
