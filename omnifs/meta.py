@@ -281,6 +281,15 @@ def parse(
     return meta
 
 
+def looks_like_companion(data: bytes) -> bool:
+    """True when ``data`` is a JSON object using only schema keys (safe to replace or delete)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return not data.strip()
+    return isinstance(doc, dict) and set(doc) <= set(KEYS)
+
+
 def parse_stored(data: bytes) -> UserMeta:
     """Read the writable fields of a companion file found on the backend (lenient: bad fields are dropped)."""
     try:

@@ -157,6 +157,10 @@ class MetaBackend(Backend):
             raise InvalidArgument(f"{path}: {exc}") from None
         if self.native:
             await self.inner.set_metadata(main.path, self._content_type(main, user), meta.to_s3(user), check_only=True)
+        else:
+            for name in {_stored_name(d, main_name), basename(path)} - {None}:
+                if name in d.files and not await self._is_companion_file(d.files[str(name)]):
+                    raise InvalidArgument(f"{join(d.path, str(name))} exists and is not a companion document")
 
     # --- reading ------------------------------------------------------------------------------------
     async def stat(self, path: str) -> ObjectInfo:
@@ -240,7 +244,10 @@ class MetaBackend(Backend):
             except MetaError as exc:
                 log.error("not storing %s: %s (the previous metadata stays)", path, exc)
             else:
-                await self._store(d, main, user, _stored_name(d, main_name))
+                try:
+                    await self._store(d, main, user, _stored_name(d, main_name))
+                except InvalidArgument as exc:
+                    log.error("not storing %s: %s", path, exc)
         rendered = await self._companion(path)
         if rendered is None:
             raise NotFound(path)
@@ -560,11 +567,23 @@ class MetaBackend(Backend):
             await self._index(lambda ix: ix.put(main.path, doc))
         return info, data
 
+    async def _is_companion_file(self, info: ObjectInfo) -> bool:
+        """True when a real file in a companion's place holds a companion document (never lose other data)."""
+        if info.size > meta.MAX_DOCUMENT:
+            return False
+        return meta.looks_like_companion(await self._read_all(info.path, info.size, limit=meta.MAX_DOCUMENT + 1))
+
     async def _adopt_orphan(self, d: _Dir, comp: str, main: ObjectInfo, user: UserMeta) -> UserMeta:
-        """Import a real object found in a companion slot (native mode) and delete it."""
+        """Import a real object found in a companion slot (native mode) and delete it.
+
+        Only companion-shaped JSON is imported and deleted; anything else stays (hidden by the companion).
+        """
         obj = d.files[comp]
         try:
             data = await self._read_all(obj.path, obj.size, limit=meta.MAX_DOCUMENT + 1)
+            if not meta.looks_like_companion(data):
+                log.warning("%s is not a companion document; left in place (hidden by the companion)", obj.path)
+                return user
             found = meta.parse_stored(data)
             if user.is_empty() and not found.is_empty():
                 await self.inner.set_metadata(main.path, self._content_type(main, found), meta.to_s3(found))
@@ -580,13 +599,16 @@ class MetaBackend(Backend):
         if self.native:
             await self.inner.set_metadata(main.path, self._content_type(main, user), meta.to_s3(user))
             for c in meta.alternate_names(main.name):  # a real object shadowed by the companion: now imported
-                if c in d.files and d.slots.get(c) == main.name:
+                if c in d.files and d.slots.get(c) == main.name and await self._is_companion_file(d.files[c]):
                     await self._quiet(self.inner.delete(join(d.path, c)))
         else:
             slot = d.slot_of(main.name)
             if slot is None:
                 raise NotSupported(f"{main.path} cannot have a companion here")
             target = join(d.path, slot)
+            for name in {stored, slot} - {None}:
+                if name in d.files and not await self._is_companion_file(d.files[str(name)]):
+                    raise InvalidArgument(f"{join(d.path, str(name))} exists and is not a companion document")
             if user.is_empty():
                 for name in {stored, slot} - {None}:
                     if name in d.files:

@@ -244,6 +244,33 @@ def test_companion_copied_before_its_file(remote: Remote, mounter: Any, s3: Any)
         wait_for(lambda: "new/song.meta.json" not in s3_keys(remote, s3), what="the copied-in object imported")
 
 
+def test_existing_folder_with_companions_is_recognised(remote: Remote, mounter: Any) -> None:
+    if remote.backend_root is None:
+        pytest.skip("needs a backend folder on this machine")
+    root = remote.backend_root
+    (root / "workflow-1.blueprint.yaml").write_text("steps: 12\n")
+    stale = {"schema": 1, "name": "workflow-1.blueprint.yaml", "size": 1, "modified": "2001-01-01T00:00:00Z",
+             "tags": ["desktop"], "author": "erin"}  # fmt: skip
+    (root / "workflow-1.blueprint.meta.json").write_text(json.dumps(stale))
+    (root / "other.txt").write_text("o")
+    (root / "other.meta.json").write_text(json.dumps({"something": "else"}))  # not a companion document
+    m = mounter(remote)
+    assert sorted(os.listdir(m.path)) == [
+        "other.meta.json",
+        "other.txt",
+        "workflow-1.blueprint.meta.json",
+        "workflow-1.blueprint.yaml",
+    ]
+    doc = meta_of(m.path / "workflow-1.blueprint.meta.json")
+    assert doc["tags"] == ["desktop"] and doc["author"] == "erin"
+    assert doc["size"] == len("steps: 12\n") and doc["modified"] != "2001-01-01T00:00:00Z"  # live, never stale
+    # A file that is not a companion document is never overwritten.
+    with pytest.raises(OSError) as exc:
+        write_doc(m.path / "other.meta.json", {"tags": ["x"]})
+    assert exc.value.errno == errno.EINVAL
+    assert json.loads((root / "other.meta.json").read_text()) == {"something": "else"}
+
+
 def test_xattrs_round_trip(remote: Remote, mounter: Any, s3: Any) -> None:
     m = mounter(remote)
     p = m.path / "pic.png"
