@@ -438,7 +438,10 @@ class VFS:
         return True
 
     async def _settle_sources(self, path: str) -> None:
-        """Upload pending data of the file a companion at ``path`` is rendered from, so it shows live values."""
+        """Upload pending data of the file a companion at ``path`` is rendered from, so it shows live values.
+
+        Only closed files waiting for write-back: a file still open for writing is not uploaded half-written.
+        """
         derived_paths = getattr(self.backend, "derived_paths", None)
         if derived_paths is None or not self._derived(path):
             return
@@ -448,6 +451,7 @@ class VFS:
             if (
                 staged is not None
                 and staged.dirty
+                and node.open_count == 0
                 and not node.unlinked
                 and not staged.broken
                 and parent_of(node.path) == parent
