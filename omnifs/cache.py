@@ -139,6 +139,14 @@ class DiskCache:
                 self.meta.delete("P\0" + pinned)
         self.metadata.move_tree(old, new)
 
+    def forget_stat(self, path: str) -> None:
+        """Drop the cached stat of one path (its parent's listing is left alone)."""
+        self.metadata.forget_stat(path)
+
+    def stale_listing(self, path: str) -> None:
+        """Mark a cached listing as outdated: listed again when online, still used while offline."""
+        self.metadata.stale_listing(path)
+
     def forget_listing(self, path: str) -> None:
         self.metadata.forget_listing(path)
 

@@ -1067,6 +1067,75 @@ def cache_unpin(path: Path) -> None:
 # --- service -----------------------------------------------------------------------------
 
 
+@main.command()
+@click.argument("target", required=False)
+@click.option("--tag", "tags", multiple=True, help="Has this tag (repeatable: all of them).")
+@click.option("--where", "wheres", multiple=True, metavar="FIELD=VALUE", help="Field equals value (repeatable).")
+@click.option("--name", "name_glob", help="File name matches this glob ('*.yaml').")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_config_file_option
+def find(
+    target: str | None,
+    tags: tuple[str, ...],
+    wheres: tuple[str, ...],
+    name_glob: str | None,
+    as_json: bool,
+    config_file: Path | None,
+) -> None:
+    """Find files by metadata in REMOTE or MOUNTPOINT (a folder inside a mount narrows the search).
+
+    Answers from the local index of metadata the mount has seen (docs/metadata.md);
+    --where takes author, description, content_type, name, size, modified or a
+    custom key (custom.KEY or KEY).
+    """
+    from omnifs.metaindex import INDEX_FILE, MetaIndex
+
+    where: dict[str, str] = {}
+    for item in wheres:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            _fail(f"--where expects FIELD=VALUE, got {item!r}", EXIT_USAGE)
+        where[key.strip()] = value
+    searches: list[tuple[Path, str, str]] = []  # (cache dir, folder below the remote root, output prefix)
+    real = os.path.realpath(target) if target is not None else None
+    mount = None
+    if real is not None:
+        for m in active_mounts():
+            point = str(m.get("mountpoint"))
+            if real == point or real.startswith(point.rstrip("/") + "/"):
+                mount = m
+                break
+    if mount is not None and real is not None:
+        point = str(mount["mountpoint"])
+        under = os.path.relpath(real, point) if real != point else ""
+        searches.append((cache_home() / str(mount["remote"]), under, point.rstrip("/") + "/"))
+    elif target is not None and (cache_home() / target.rstrip(":")).is_dir() and ":" not in target.rstrip(":"):
+        searches.append((cache_home() / target.rstrip(":"), "", target.rstrip(":") + ":"))  # a remote's cache by name
+    else:
+        for directory in _cache_dirs(target, config_file):
+            searches.append((directory, "", f"{directory.name}:"))
+    results: list[dict[str, Any]] = []
+    for directory, under, prefix in searches:
+        db = directory / INDEX_FILE
+        if not db.exists():
+            continue
+        index = MetaIndex(db, readonly=True)
+        try:
+            found = index.find(tags=tags, where=where, name=name_glob, under=under)
+        except Exception as exc:
+            _fail(f"cannot search {db}: {exc}", EXIT_RUNTIME)
+        finally:
+            index.close()
+        for item in found:
+            item["location"] = prefix + item["path"]
+        results.extend(found)
+    if as_json:
+        _echo_json({"results": results})
+        return
+    for item in results:
+        click.echo(item["location"])
+
+
 @main.group("service")
 def service_group() -> None:
     """Install the systemd user service that mounts a remote at login."""

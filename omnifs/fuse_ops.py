@@ -97,7 +97,7 @@ class FuseOperations(pyfuse3.Operations):
         e.st_ino = node.inode
         e.generation = 0
         e.entry_timeout = self.entry_timeout
-        e.attr_timeout = 0 if node.partial else self.attr_timeout
+        e.attr_timeout = 0 if node.partial or self._derived(node.path) else self.attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -110,6 +110,11 @@ class FuseOperations(pyfuse3.Operations):
         e.st_mtime_ns = a.mtime_ns
         e.st_ctime_ns = a.ctime_ns
         return e
+
+    def _derived(self, path: str) -> bool:
+        """Content rendered from another file (a companion .meta.json): never served from the page cache."""
+        is_companion = getattr(self.vfs.backend, "is_companion", None)
+        return bool(is_companion is not None and is_companion(path))
 
     @_fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -187,14 +192,16 @@ class FuseOperations(pyfuse3.Operations):
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle, keep_cache = await self.vfs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=bool(flags & os.O_DIRECT))
+        direct = bool(flags & os.O_DIRECT) or self._derived(handle.node.path)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache and not direct, direct_io=direct)
 
     @_fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle, node = await self.vfs.create(parent_inode, _name(name), mode, flags, _ctx(ctx))
-        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        direct = bool(flags & os.O_DIRECT) or self._derived(node.path)
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=not direct, direct_io=direct)
         return info, self.entry(node)
 
     @_fuse_errors

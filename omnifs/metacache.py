@@ -188,6 +188,15 @@ class MetadataStore:
             else:
                 db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (parent_of(path), info.name, _dump(info)))
 
+    def forget_stat(self, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM stats WHERE path = ?", (path,))
+
+    def stale_listing(self, path: str) -> None:
+        """Mark a listing outdated (listed again when online) but keep it for offline use."""
+        with self._tx() as db:
+            db.execute("UPDATE listings SET fetched = 0 WHERE path = ?", (path,))
+
     def forget_listing(self, path: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM listings WHERE path = ?", (path,))

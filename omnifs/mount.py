@@ -23,10 +23,12 @@ import pyfuse3
 import trio
 
 from omnifs.backends.base import Backend
+from omnifs.backends.metafiles import MetaBackend
 from omnifs.cache import CacheMode, CacheSettings, DiskCache, parse_size
 from omnifs.errors import ConfigError, OmniError, from_oserror
 from omnifs.fuse_ops import FuseOperations, PyfuseNotifier
 from omnifs.journal import Journal
+from omnifs.metaindex import INDEX_FILE, MetaIndex
 from omnifs.remote import Remote, RemoteSettings
 from omnifs.staging import StagingArea
 from omnifs.vfs import VFS, VfsOptions
@@ -93,6 +95,7 @@ class MountOptions:
     write_back: float = 5.0
     sync_upload: bool = False
     drain_timeout: float = 120.0
+    meta_files: str = "show"  # companion .meta.json files in listings: show | hide (docs/metadata.md)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -137,6 +140,10 @@ def parse_mount_options(items: Iterable[str]) -> MountOptions:
                 kw[key] = value
             elif key in ("writeback_cache", "sync_upload"):
                 kw[key] = _parse_bool(key, value) if has_value else True
+            elif key == "meta_files" and has_value:
+                if value not in ("show", "hide"):
+                    raise ConfigError(f"option meta_files: expected show or hide, got {value!r}", key=key)
+                kw[key] = value
             elif key == "rw" and not has_value:
                 flags.discard("ro")
             else:
@@ -397,6 +404,9 @@ def serve(
     mountpoint = check_mountpoint(mountpoint)
     raise_fd_limit()
     staging, journal = open_state(staging_dir)
+    backend = MetaBackend(
+        backend, show=options.meta_files == "show", index=MetaIndex(cache_dir / INDEX_FILE)
+    )  # companion .meta.json files and user.omnifs.* xattrs over every backend
     cache = DiskCache(
         cache_dir,
         CacheSettings(

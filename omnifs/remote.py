@@ -197,6 +197,7 @@ class Remote:
         """Write-through: remember the result of a change this mount made."""
         if self.cache is not None:
             await self.in_cache(self.cache.record, path, info)
+            await self._forget_derived(path)
 
     async def record_listing(self, path: str, infos: list[ObjectInfo]) -> None:
         """Write-through of a listing this mount knows completely (a directory it just created)."""
@@ -208,6 +209,18 @@ class Remote:
         if self.cache is not None:
             await self.in_cache(self.cache.forget_tree, path)
             await self.in_cache(self.cache.forget_listing, parent_of(path))
+            await self._forget_derived(path)
+
+    async def _forget_derived(self, path: str) -> None:
+        """Drop cached entries rendered from ``path`` (its companion .meta.json, backends/metafiles.py)."""
+        derived = getattr(self.backend, "derived_paths", None)
+        paths = derived(path) if derived is not None and self.cache is not None else []
+        if paths and self.cache is not None:
+            for p in paths:
+                await self.in_cache(self.cache.forget_stat, p)
+            if getattr(self.backend, "lists_derived", False):
+                # The listing shows the companion too: list again when online, keep it for offline use.
+                await self.in_cache(self.cache.stale_listing, parent_of(path))
 
     # --- data -------------------------------------------------------------------------------
     @property

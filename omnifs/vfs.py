@@ -71,6 +71,7 @@ PENDING_XATTR = "user.omnifs.pending"  # read-only: number of uploads still queu
 
 WRITE_CACHE_MAX = 256 << 20  # larger uploads are not copied into the data cache
 ABSENT = ""  # base version of a file created here: it did not exist on the backend
+EXCLUSIVE_GRACE = 30.0  # seconds the companion of a file created with O_EXCL stays hidden (_companion_deferred)
 
 T = TypeVar("T")
 
@@ -192,6 +193,8 @@ class VFS:
         self._queued_at: dict[Node, float] = {}
         self.conflicts: list[dict[str, Any]] = []
         self._wakeup = trio.Event()
+        # Files this mount created with O_EXCL (cp into a new folder), for _companion_deferred.
+        self._exclusive: dict[str, float] = {}
 
     # --- helpers --------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -231,6 +234,7 @@ class VFS:
             and not existing.authoritative
             and existing.info is not None
             and version_key(existing.info) != version_key(info)
+            and not self._derived(info.path)  # a companion keeps its inode: direct_io, nothing cached
         ):
             self._replaced(existing)
             existing = None
@@ -272,7 +276,7 @@ class VFS:
             or node.unlinked
             or node.inode == 1
             or (not node.partial and time.monotonic() - node.refreshed < self.opts.attr_ttl)
-        )
+        ) and (node.authoritative or not self._derived(node.path))  # companions: always asked (metafiles.py)
 
     async def _refresh(self, node: Node, *, force: bool = False) -> Node:
         """Re-read ``node`` through the Remote unless its attributes are fresh or local."""
@@ -280,8 +284,11 @@ class VFS:
             return node
         if node.authoritative or node.unlinked or node.inode == 1:
             return node
+        await self._settle_sources(node.path)
         try:
-            info = await self.remote.stat(node.path, allow_cached=not (force or node.partial))
+            info = await self.remote.stat(
+                node.path, allow_cached=not (force or node.partial or self._derived(node.path))
+            )
         except NotFound:
             self.table.detach(node)
             raise
@@ -538,7 +545,7 @@ class VFS:
             return
         if staged.broken:
             raise OmniError(f"{node.path}: an earlier write failed; the file was not changed", errno=errno.EIO)
-        if self.opts.write_back <= 0:
+        if await self._validate_staged(node, staged) or self.opts.write_back <= 0:
             await self._sync(node)
             return
         async with staged.lock:
@@ -547,6 +554,95 @@ class VFS:
             await staged.write_record(self._record_of(node), durable=True)
             staged.closed_dirty = True
         self._schedule(node, self.opts.write_back)
+
+    # --- companion .meta.json files (omnifs/backends/metafiles.py) ------------------------------------
+    def _derived(self, path: str) -> bool:
+        """True for content the backend renders from another file (a companion): never trusted from caches."""
+        is_companion = getattr(self.backend, "is_companion", None)
+        return bool(is_companion is not None and is_companion(path))
+
+    async def _validate_staged(self, node: Node, staged: StagedFile) -> bool:
+        """Let the backend check a companion at close; True when it is one (then it is stored at once).
+
+        Invalid content raises (the writer sees EINVAL) and is discarded, never
+        uploaded: the backend keeps the metadata it had.  A companion is stored
+        at close rather than after ``write_back`` so that a later invalid write
+        can never take an accepted one down with it (offline, it is deferred
+        through the staging journal like any upload).
+        """
+        validate = getattr(self.backend, "validate_staged", None)
+        if validate is None or node.unlinked or not self._derived(node.path):
+            return False
+        await self._settle_sources(node.path)
+        try:
+            await validate(node.path, staged.path, self._pending_attrs)
+        except OmniError:
+            staged.broken = True
+            raise
+        staged.base_version = None  # rendered content changes with its file: no conflict copies
+        return True
+
+    async def _settle_sources(self, path: str) -> None:
+        """Upload pending data of the file a companion at ``path`` is rendered from, so it shows live values.
+
+        Only closed files waiting for write-back: a file still open for writing is not uploaded half-written.
+        """
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        if derived_paths is None or not self._derived(path):
+            return
+        parent = parent_of(path)
+        for node in self.table.nodes():
+            staged = node.staged
+            if (
+                staged is not None
+                and staged.dirty
+                and node.open_count == 0
+                and not node.unlinked
+                and not staged.broken
+                and parent_of(node.path) == parent
+                and path in derived_paths(node.path)
+            ):
+                await self._sync(node)
+
+    def _note_created(self, path: str, flags: int) -> None:
+        """Remember files created with O_EXCL; creating a companion ends its deferral."""
+        now = time.monotonic()
+        self._exclusive = {p: t for p, t in self._exclusive.items() if now - t < EXCLUSIVE_GRACE}
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        if derived_paths is None:
+            return
+        if self._derived(path):
+            for p in [p for p in self._exclusive if path in derived_paths(p)]:
+                del self._exclusive[p]
+        elif flags & os.O_EXCL and derived_paths(path):
+            present = [p for p in derived_paths(path) if (n := self.table.by_path(p)) is not None and not n.unlinked]
+            if not present:  # a companion copied in before its file is the file's metadata already
+                self._exclusive[path] = now
+
+    def _companion_deferred(self, path: str) -> bool:
+        """True for the companion of a file created with O_EXCL moments ago (until it is written).
+
+        ``cp -a`` into a new folder creates every file with O_EXCL, the
+        companion it copies too; a companion that already "exists" would make
+        that fail with EEXIST.  So such a file's companion stays out of sight
+        for EXCLUSIVE_GRACE seconds after its last close, or until written.
+        """
+        if not self._exclusive or not self._derived(path):
+            return False
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        now = time.monotonic()
+        return derived_paths is not None and any(
+            now - t < EXCLUSIVE_GRACE and path in derived_paths(p) for p, t in self._exclusive.items()
+        )
+
+    def _pending_attrs(self, path: str) -> tuple[int, int] | None:
+        """Size and mtime of ``path`` while its newest data is only local (not uploaded yet)."""
+        node = self.table.by_path(path)
+        if node is None or not node.authoritative:
+            return None
+        return node.attr.size, node.attr.mtime_ns
+
+    # --- end of companion hooks ------------------------------------------------------------------
 
     async def _sync(self, node: Node, *, defer: bool = True) -> None:
         """Upload dirty staged data of ``node`` now.
@@ -674,10 +770,15 @@ class VFS:
             node = self.table.by_path(parent_of(parent.path)) or self.table.root
         else:
             path = self._child_path(parent, name)
+            if self._companion_deferred(path):
+                raise NotFound(path)
             node = self.table.by_path(path)
             if node is None or not self._fresh(node):
+                await self._settle_sources(path)
                 try:
-                    info = await self.remote.stat(path, allow_cached=node is None or not node.partial)
+                    info = await self.remote.stat(
+                        path, allow_cached=(node is None or not node.partial) and not self._derived(path)
+                    )
                 except NotFound:
                     if node is not None and not node.authoritative:
                         self.table.detach(node)
@@ -926,6 +1027,10 @@ class VFS:
             await self._move_recovered(old, new)
             self._follow_cached_data(new)
         moved = self.table.by_path(new)
+        if moved is not None and self._derived(new) and moved.staged is not None and not moved.staged.dirty:
+            # Renamed onto a companion: the backend imported the content; the name shows the rendering now.
+            staged, moved.staged = moved.staged, None
+            await staged.close()
         if moved is not None:
             moved.attr.ctime_ns = _now()
             moved.refreshed = 0.0
@@ -1016,6 +1121,7 @@ class VFS:
         parent = self.node(parent_inode)
         path = self._child_path(parent, name)
         await self._require_absent(path, cached_ok=True)
+        self._note_created(path, flags)
         return await self._create_pending(parent, path, mode & ~ctx.umask & 0o7777, flags, ctx)
 
     async def _create_pending(self, parent: Node, path: str, perms: int, flags: int, ctx: Ctx) -> tuple[Handle, Node]:
@@ -1131,6 +1237,8 @@ class VFS:
             return
         node = h.node
         node.open_count -= 1
+        if node.path in self._exclusive:
+            self._exclusive[node.path] = time.monotonic()
         try:
             if h.protected is not None:
                 await self.remote.unprotect(h.protected, also=h.info)
@@ -1165,6 +1273,8 @@ class VFS:
             dh.entries = sorted(entries + extra, key=lambda i: i.name) if extra else entries
         for index in range(start, len(dh.entries)):
             info = dh.entries[index]
+            if self._companion_deferred(info.path):
+                continue
             node = self._ingest(info)
             if not reply(info.name, node, index + 1):
                 self.table.maybe_drop(node)
@@ -1205,7 +1315,10 @@ class VFS:
         if not name.startswith(XATTR_NAMESPACE) or not self.backend.capabilities.xattrs:
             raise NoSuchAttribute(name)  # security.capability etc.: answered without I/O
         node = self.node(inode)
-        await self._settle(node)
+        await self._settle(node)  # system fields (size, etag) must describe the data just written
+        get_one = getattr(self.backend, "get_xattr", None)  # metafiles.py: user.omnifs.<field>, also unlisted ones
+        if get_one is not None:
+            return await self.remote.guarded(get_one, node.path, name, timeout=self.remote.settings.timeout)
         values = await self.remote.guarded(self.backend.get_xattrs, node.path, timeout=self.remote.settings.timeout)
         try:
             return values[name]

@@ -127,6 +127,7 @@ class Capabilities:
     xattrs: bool = True
     posix_attrs: bool = True  # stores mode/uid/gid/mtime
     statfs: bool = True
+    native_metadata: bool = False  # stores user metadata and a content type per file (set_metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +259,17 @@ class Backend(abc.ABC):
     async def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
         """Set (or with ``None`` remove) an extended attribute."""
         raise NotSupported(f"{self.type_name} has no xattrs")
+
+    async def set_metadata(
+        self, path: str, content_type: str, updates: Mapping[str, str | None], *, check_only: bool = False
+    ) -> ObjectInfo | None:
+        """Change a file's content type and user metadata in place (``None`` removes a key).
+
+        Keys not named in ``updates`` are kept.  With ``check_only`` nothing is
+        changed; only the limits are checked.  Declared by
+        ``capabilities.native_metadata``; E2BIG when the metadata would not fit.
+        """
+        raise NotSupported(f"{self.type_name} has no native metadata")
 
     async def statfs(self) -> StatFs | None:
         return None

@@ -401,7 +401,13 @@ class S3Backend(Backend):
         "session_token": Option(str, secret=True, help="session token for temporary credentials"),
     }
     capabilities = Capabilities(
-        rename=True, rename_dir_atomic=False, symlinks=True, xattrs=True, posix_attrs=True, statfs=False
+        rename=True,
+        rename_dir_atomic=False,
+        symlinks=True,
+        xattrs=True,
+        posix_attrs=True,
+        statfs=False,
+        native_metadata=True,
     )
 
     def __init__(
@@ -1292,6 +1298,35 @@ class S3Backend(Backend):
 
         self._update_metadata(path, change)
 
+    def _set_metadata(
+        self, path: str, content_type: str, updates: Mapping[str, str | None], check_only: bool
+    ) -> ObjectInfo | None:
+        """Companion metadata (omnifs/meta.py): user metadata and content type of a file, in place."""
+        path = check_path(path)
+        key = self._key(path)
+        for _ in range(5):
+            obj = self._head(key)
+            if obj is None or obj.is_symlink:
+                raise NotFound(path)
+            meta = dict(obj.metadata)
+            for k, v in updates.items():
+                if k.startswith(META_PREFIX):
+                    raise InvalidArgument(f"metadata key {k!r} is reserved")
+                if v is None:
+                    meta.pop(k, None)
+                else:
+                    meta[k] = v
+            _check_metadata_size(meta, self._what(key))
+            if check_only:
+                return None
+            try:
+                self._replace_metadata(replace(obj, content_type=content_type), meta)
+            except _Conflict:
+                log.debug("%s changed during a metadata update; retrying", self._what(key))
+                continue
+            return self._stat(path)
+        raise TransientError(f"{path!r} keeps changing; metadata update abandoned")
+
     # --- symlinks ----------------------------------------------------------------------------------
     def _symlink(self, path: str, target: str, attrs: SetAttrs | None) -> ObjectInfo:
         path = check_path(path)
@@ -1480,6 +1515,12 @@ class S3Backend(Backend):
     async def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
         """Set or remove one xattr; E2BIG when all metadata would exceed S3's 2 KiB."""
         await self.run_sync(self._set_xattr, path, name, value)
+
+    async def set_metadata(
+        self, path: str, content_type: str, updates: Mapping[str, str | None], *, check_only: bool = False
+    ) -> ObjectInfo | None:
+        """Set the content type and user metadata of a file by a metadata-only copy (REPLACE)."""
+        return await self.run_sync(self._set_metadata, path, content_type, updates, check_only)
 
     async def statfs(self) -> None:
         return None

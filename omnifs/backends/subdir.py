@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import BinaryIO
 
 from omnifs.backends.base import Backend, ObjectInfo, SetAttrs, StatFs, check_path, join
@@ -65,6 +66,12 @@ class SubdirBackend(Backend):
 
     async def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
         await self.inner.set_xattr(self._in(path), name, value)
+
+    async def set_metadata(
+        self, path: str, content_type: str, updates: Mapping[str, str | None], *, check_only: bool = False
+    ) -> ObjectInfo | None:
+        info = await self.inner.set_metadata(self._in(path), content_type, updates, check_only=check_only)
+        return None if info is None else self._out(info)
 
     async def statfs(self) -> StatFs | None:
         return await self.inner.statfs()

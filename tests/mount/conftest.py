@@ -128,6 +128,7 @@ def mounter(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def mnt(remote: Remote, mounter: Any) -> Mount:
-    """A running mount of a fresh remote."""
-    return mounter(remote)
+def mnt(remote: Remote, mounter: Any, request: pytest.FixtureRequest) -> Mount:
+    """A running mount of a fresh remote (``@pytest.mark.mount_options(...)`` adds ``-o`` options)."""
+    marker = request.node.get_closest_marker("mount_options")
+    return mounter(remote, *(marker.args if marker is not None else ()))

@@ -24,6 +24,8 @@ WRITER = r"""
 import hashlib, os, sys
 root = sys.argv[1]
 dev = os.stat(root).st_dev  # the mount's device: once it changes, the mount is gone
+if dev == os.stat(os.path.dirname(root)).st_dev:
+    sys.exit(0)  # started after the kill: root is already the plain directory below
 i = 0
 while True:
     name = f"t{sys.argv[2]}-{i:04d}.bin"

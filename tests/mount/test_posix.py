@@ -45,7 +45,7 @@ def test_create_write_read_append(mnt: Mount) -> None:
         f.write(b"world\n")
     assert p.read_bytes() == b"hello\nworld\n"
     assert p.stat().st_size == 12
-    assert os.listdir(mnt.path) == ["hello.txt"]
+    assert sorted(os.listdir(mnt.path)) == ["hello.meta.json", "hello.txt"]  # the companion (meta_files=show)
 
 
 def test_random_and_sparse_writes(mnt: Mount) -> None:
@@ -110,7 +110,7 @@ def test_rename_file_over_existing(mnt: Mount) -> None:
     os.rename(a, b)
     assert not a.exists()
     assert b.read_text() == "new"
-    assert sorted(os.listdir(mnt.path)) == ["b"]
+    assert sorted(os.listdir(mnt.path)) == ["b", "b.meta.json"]  # b's companion (meta_files=show)
 
 
 def test_rename_non_empty_directory(mnt: Mount) -> None:

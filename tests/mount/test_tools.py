@@ -78,7 +78,7 @@ def test_sed_in_place(mnt: Mount) -> None:
     run("sed", "-i", "s/alpha/beta/g", str(p))
     assert p.read_text() == "name: beta\nsteps: 3\nname: beta\n"
     assert stat.S_IMODE(p.stat().st_mode) == 0o640
-    assert sorted(os.listdir(mnt.path)) == ["conf.yaml"]  # sed's temp file is gone
+    assert sorted(os.listdir(mnt.path)) == ["conf.meta.json", "conf.yaml"]  # sed's temp file is gone
 
 
 def _vim() -> str | None:
@@ -105,7 +105,7 @@ def test_vim_saves_file(mnt: Mount) -> None:
     assert res.returncode == 0, res.stderr
     assert p.read_text() == "workflow: two\nsteps:\n  - fetch\n  - publish\n"
     leftovers = [n for n in os.listdir(mnt.path) if n != "blueprint.yaml"]
-    assert leftovers == []
+    assert leftovers == ["blueprint.meta.json"]  # its companion (meta_files=show), no temp or swap files
 
 
 def test_python_atomic_save(mnt: Mount) -> None:
@@ -119,9 +119,10 @@ def test_python_atomic_save(mnt: Mount) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         assert target.read_text() == f'{{"v": {i}}}'
-    assert os.listdir(mnt.path) == ["doc.json"]
+    assert sorted(os.listdir(mnt.path)) == ["doc.json", "doc.meta.json"]  # with its companion (meta_files=show)
 
 
+@pytest.mark.mount_options("meta_files=hide")  # about git, not companions (test_meta.py covers git with them)
 def test_git_workflow(mnt: Mount, tmp_path: Path) -> None:
     repo = mnt.path / "repo"
     repo.mkdir()
@@ -169,6 +170,7 @@ def test_tar_extract_and_create(mnt: Mount, tmp_path: Path) -> None:
     assert tree_digest(src) == tree_digest(tmp_path / "out" / "tree")
 
 
+@pytest.mark.mount_options("meta_files=hide")  # compares whole trees; companions would be extra entries
 def test_rsync_archive(mnt: Mount, tmp_path: Path) -> None:
     if shutil.which("rsync") is None:
         pytest.fail("rsync is not installed; scripts/setup installs it")
