@@ -1266,6 +1266,11 @@ class VFS:
         if dh is None:
             raise OmniError(f"bad directory handle {fh}", errno=errno.EBADF)
         if start == 0 or dh.entries is None:
+            if getattr(self.backend, "lists_derived", False):
+                # Companions are rendered from what the backend has: closed files are uploaded first.
+                for node in self.table.nodes():
+                    if node.open_count == 0 and node.path and parent_of(node.path) == dh.node.path:
+                        await self._settle(node)
             entries = await self.remote.list(dh.node.path)
             listed = {info.path for info in entries}
             # Files whose first upload is still pending are not on the backend yet.

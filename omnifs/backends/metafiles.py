@@ -108,7 +108,8 @@ class MetaBackend(Backend):
         self.native = inner.capabilities.native_metadata
         # xattrs: user.omnifs.<field> always work; other names only where the inner backend has xattrs.
         self.capabilities = replace(inner.capabilities, xattrs=True)
-        self._moved: dict[str, tuple[str, float]] = {}
+        # Renamed-away files: src -> (dst, when, dst's metadata kept when dst was deleted).
+        self._moved: dict[str, tuple[str, float, UserMeta | None]] = {}
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -261,6 +262,7 @@ class MetaBackend(Backend):
                 main = await self._main_info(d.files[main_name])
                 await self._store(d, main, UserMeta(), None)
                 return
+        await self._keep_moved_meta(path)
         if not self._sidecars_here(path):
             await self.inner.delete(path)
             await self._index(lambda ix: ix.forget(path))
@@ -315,7 +317,7 @@ class MetaBackend(Backend):
             main = await self.inner.stat(dst)
             await self.inner.set_metadata(dst, self._content_type(main, dst_user), meta.to_s3(dst_user))
         elif not dst_existed and not src_user.is_empty():
-            self._moved[src] = (dst, time.monotonic())
+            self._moved[src] = (dst, time.monotonic(), None)
 
     async def _rename_sidecar(self, src: str, dst: str) -> None:
         sdir, ddir = parent_of(src), parent_of(dst)
@@ -347,7 +349,7 @@ class MetaBackend(Backend):
                 src_owners.pop(slot or "", None)
             dst_owners = {c: m for c, m in dst_owners.items() if c != slot}
             if not dst_existed:
-                self._moved[src] = (dst, time.monotonic())
+                self._moved[src] = (dst, time.monotonic(), None)
         await self._normalise(sdir, src_owners)
         if ddir != sdir:
             await self._normalise(ddir, dst_owners)
@@ -640,6 +642,21 @@ class MetaBackend(Backend):
             log.debug("companion of %s/%s: %s -> %s", dir_path, owners[stored], stored, slot)
             await self.inner.rename(join(dir_path, stored), join(dir_path, slot))
 
+    async def _keep_moved_meta(self, path: str) -> None:
+        """``path`` is about to be deleted: if a recent rename put it there, keep its metadata for the original.
+
+        With write-back the original's new content may reach the backend only
+        after the backup (``X~``) is deleted, so the metadata is kept here.
+        """
+        for src, (dst, when, kept) in list(self._moved.items()):
+            if dst != path or kept is not None:
+                continue
+            try:
+                d = await self._dir(parent_of(path))
+                self._moved[src] = (dst, when, await self._user_meta(d, await self._main_info(d.files[basename(path)])))
+            except (OmniError, KeyError):
+                pass
+
     async def _after_main_write(self, path: str) -> None:
         """A file re-created right after it was renamed away (an editor's backup save) gets its metadata back."""
         moved = self._moved.pop(path, None)
@@ -649,9 +666,12 @@ class MetaBackend(Backend):
             return
         try:
             d_new = await self._dir(parent_of(moved[0]))
-            if basename(moved[0]) not in d_new.files:
+            if basename(moved[0]) in d_new.files:
+                theirs = await self._user_meta(d_new, await self._main_info(d_new.files[basename(moved[0])]))
+            elif moved[2] is not None:
+                theirs = moved[2]  # the backup was deleted before this upload
+            else:
                 return
-            theirs = await self._user_meta(d_new, await self._main_info(d_new.files[basename(moved[0])]))
             d = d_new if parent_of(path) == d_new.path else await self._dir(parent_of(path))
             main = await self._main_info(d.files[basename(path)])
             if theirs.is_empty() or not (await self._user_meta(d, main)).is_empty():
