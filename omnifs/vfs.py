@@ -1457,6 +1457,10 @@ class VFS:
         staged = node.staged
         if staged is None or not staged.dirty or node.unlinked or staged.broken:
             self._unschedule(node)
+            if staged is not None and not staged.dirty and node.open_count == 0 and not node.unlinked:
+                node.staged = None  # uploaded elsewhere (a recovered copy): nothing left to keep
+                await staged.close()
+                self.table.maybe_drop(node)
             return
         try:
             await self._sync(node)
@@ -1485,22 +1489,29 @@ class VFS:
             attrs = SetAttrs(
                 mode=record.get("mode"), uid=record.get("uid"), gid=record.get("gid"), mtime_ns=record.get("mtime_ns")
             )
-            try:
-                target = path
-                if await self._changed_elsewhere(path, staged.base_version) is not None:
-                    target = conflict_name(path)
-                    log.warning("conflict: %s was changed elsewhere; uploading ours as %s", path, target)
-                    self.conflicts.append({"path": path, "copy": target, "time": time.time()})
-                info = await self.remote.guarded(staged.upload, self.backend, target, attrs)
-            except OmniError as exc:
-                log.info("recovered upload of %s still pending: %s", path, exc)
-                if is_unavailable(exc):
-                    return
-                continue
-            await self.remote.record(target, info)  # before it stops being listed from staging
-            self._recovered.pop(path, None)
-            await staged.close()
+            # The lock holds off writers of a node that adopts this copy meanwhile (a lookup).
+            async with staged.lock:
+                if not staged.dirty:
+                    continue  # uploaded by the node that adopted it
+                try:
+                    target = path
+                    if await self._changed_elsewhere(path, staged.base_version) is not None:
+                        target = conflict_name(path)
+                        log.warning("conflict: %s was changed elsewhere; uploading ours as %s", path, target)
+                        self.conflicts.append({"path": path, "copy": target, "time": time.time()})
+                    info = await self.remote.guarded(staged.upload, self.backend, target, attrs)
+                except OmniError as exc:
+                    log.info("recovered upload of %s still pending: %s", path, exc)
+                    if is_unavailable(exc):
+                        return
+                    continue
+                await self.remote.record(target, info)  # before it stops being listed from staging
+                await staged.uploaded()
             log.warning("uploaded %s, recovered from an earlier run", path)
+            if self._recovered.get(path, (None,))[0] is staged:
+                del self._recovered[path]
+                await staged.close()
+            # else: adopted by a node meanwhile, which drops the clean copy (_upload_due)
 
     async def _poll_loop(self) -> None:
         while True:

@@ -265,7 +265,10 @@ class TestMirrorS3AndLocal(BackendConformance):
             root = tmp_path / uuid.uuid4().hex
             (root / "loc").mkdir(parents=True)
             return MirrorBackend(
-                "mi", [make_s3_backend(s3_remote), LocalBackend("loc", str(root / "loc"))], log_dir=root / "log"
+                "mi",
+                [make_s3_backend(s3_remote), LocalBackend("loc", str(root / "loc"))],
+                log_dir=root / "log",
+                op_timeout=15.0,  # about behaviour, not outages: a busy test machine must not look like one
             )
 
         return make

@@ -151,23 +151,29 @@ def _write_pending(staging: Path, files: dict[str, bytes]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_mount_with_10000_pending_uploads_is_usable_at_once(tmp_path: Path, home: Path, mounter) -> None:
     from omnifs.config import Config, resolve_remote
 
     backend = tmp_path / "backend"
-    backend.mkdir()
+    folders = [f"d{k:02d}" for k in range(100)]
+    for folder in folders:
+        (backend / folder).mkdir(parents=True)
     remote = Remote("local", f"local:{backend}", isolated_env(home), backend_root=backend)
     name = resolve_remote(remote.spec, Config(tmp_path / "none.toml")).name
-    files = {f"f{i:05d}.txt": f"pending upload {i}\n".encode() * (1 + i % 7) for i in range(10_000)}
+    files = {f"d{i % 100:02d}/f{i:05d}.txt": f"pending upload {i}\n".encode() * (1 + i % 7) for i in range(10_000)}
     _write_pending(home / ".local" / "state" / "omnifs" / name / "staging", files)
     t0 = time.monotonic()
     m = mounter(remote, "write_back=60", "meta_files=hide")
-    names = os.listdir(m.path)
+    first = os.listdir(m.path / "d99")
     answered = time.monotonic() - t0
     pending_then = int(os.getxattr(m.path, "user.omnifs.pending"))
-    assert sorted(names) == sorted(files)  # every pending file is visible before it is uploaded
-    assert (m.path / "f09999.txt").read_bytes() == files["f09999.txt"]
+    assert sorted(first) == sorted(p.split("/")[1] for p in files if p.startswith("d99/"))
     assert pending_then > 0, "the queue drained before the first answer: this test proves nothing"
+    # Every pending file is visible before it is uploaded.
+    listed = {f"{folder}/{n}" for folder in folders for n in os.listdir(m.path / folder)}
+    assert listed == set(files)
+    assert (m.path / "d99" / "f09999.txt").read_bytes() == files["d99/f09999.txt"]
     print(f"10,000 pending uploads: mounted and listed in {answered:.2f} s with {pending_then} still queued")
     wait_for(lambda: int(os.getxattr(m.path, "user.omnifs.pending")) == 0, timeout=600, what="drain")
     for rel, data in files.items():

@@ -100,7 +100,7 @@ def test_failover_s3_primary_frozen_mid_writing(
 ) -> None:
     remote, bucket = failover_remote(tmp_path, home, frozen_safe, sftp_remote)
     standby = sftp_remote.local_root
-    m = mounter(remote, "write_back=0")
+    m = mounter(remote, "write_back=0", "meta_files=hide")
     docs = m.path / "docs"
     docs.mkdir()
     want: dict[str, str] = {}
@@ -167,7 +167,7 @@ def test_mirror_quorum_2_of_3_one_frozen(
         },
     )
     remote = Remote("mirror", "mi:", isolated_env(home, CREDENTIALS_ENV), config=config)
-    m = mounter(remote, "write_back=0")
+    m = mounter(remote, "write_back=0", "meta_files=hide")
     want: dict[str, str] = {}
     for i in range(4):
         write_file(m.path / f"f{i}", content(i))
@@ -193,7 +193,7 @@ def test_repairs_survive_kill_9_of_the_mount(
     tmp_path: Path, home: Path, mounter: Any, frozen_safe: MotoServer, sftp_remote: Any
 ) -> None:
     remote, bucket = failover_remote(tmp_path, home, frozen_safe, sftp_remote)
-    m = mounter(remote, "write_back=0")
+    m = mounter(remote, "write_back=0", "meta_files=hide")
     (m.path / "a").mkdir()
     wait_for(lambda: (sftp_remote.local_root / "a").is_dir(), 30, "the standby to catch up")
     frozen_safe.freeze()
@@ -209,7 +209,7 @@ def test_repairs_survive_kill_9_of_the_mount(
     client = frozen_safe.client()
     time.sleep(1)
     assert files_of(client, bucket) != want  # nothing repaired the primary while no mount ran
-    m2 = mounter(remote, "write_back=0")
+    m2 = mounter(remote, "write_back=0", "meta_files=hide")
     wait_for(lambda: files_of(client, bucket) == want, 90, "the log to repair the primary after the restart")
     for i in range(8):
         assert (m2.path / "a" / f"k{i}").read_bytes() == content(i)
