@@ -32,12 +32,13 @@ errors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,6 +53,7 @@ from omnifs.metaindex import MetaIndex
 
 log = logging.getLogger(__name__)
 
+DIR_TTL = 2.0  # seconds a folder listing is reused for rendering companions (dropped on any change)
 MOVED_GRACE = 120.0  # seconds a renamed-away file's metadata may be claimed back by a re-created file
 _PARALLEL = 16  # concurrent stats/reads while rendering the companions of one listing
 
@@ -110,6 +112,8 @@ class MetaBackend(Backend):
         self.capabilities = replace(inner.capabilities, xattrs=True)
         # Renamed-away files: src -> (dst, when, dst's metadata kept when dst was deleted).
         self._moved: dict[str, tuple[str, float, UserMeta | None]] = {}
+        self._dirs: dict[str, tuple[float, _Dir]] = {}  # short-lived folder listings (_dir)
+        self._generation = 0
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -216,6 +220,10 @@ class MetaBackend(Backend):
 
     # --- writing ------------------------------------------------------------------------------------
     async def write(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
+        async with self._changing():
+            return await self._write_now(path, src, attrs)
+
+    async def _write_now(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
         if self.is_companion(path):
             d = await self._dir(parent_of(path))
             main_name = d.slots.get(basename(path))
@@ -223,11 +231,11 @@ class MetaBackend(Backend):
                 data = await self.run_sync(_read_stream, src, meta.MAX_DOCUMENT + 1)
                 return await self._write_companion(d, path, main_name, data)
         if not self._sidecars_here(path):
-            info = await self.inner.write(path, src, attrs)
+            info = await self._mut(self.inner.write, path, src, attrs)
             await self._after_main_write(path)
             return info
         before = await self._dir(parent_of(path))
-        info = await self.inner.write(path, src, attrs)
+        info = await self._mut(self.inner.write, path, src, attrs)
         if basename(path) not in before.files:  # a new name may change which companion names clash
             await self._normalise(parent_of(path), before.owners())
         await self._after_main_write(path)
@@ -255,6 +263,10 @@ class MetaBackend(Backend):
         return rendered[0]
 
     async def delete(self, path: str) -> None:
+        async with self._changing():
+            await self._delete_now(path)
+
+    async def _delete_now(self, path: str) -> None:
         if self.is_companion(path):
             d = await self._dir(parent_of(path))
             main_name = d.slots.get(basename(path))
@@ -264,20 +276,24 @@ class MetaBackend(Backend):
                 return
         await self._keep_moved_meta(path)
         if not self._sidecars_here(path):
-            await self.inner.delete(path)
+            await self._mut(self.inner.delete, path)
             await self._index(lambda ix: ix.forget(path))
             return
         before = await self._dir(parent_of(path))
-        await self.inner.delete(path)
+        await self._mut(self.inner.delete, path)
         owners = before.owners()
         for c, m in list(owners.items()):
             if m == basename(path):
-                await self._quiet(self.inner.delete(join(before.path, c)))
+                await self._quiet(self._mut(self.inner.delete, join(before.path, c)))
                 del owners[c]
         await self._normalise(before.path, owners)
         await self._index(lambda ix: ix.forget(path))
 
     async def rename(self, src: str, dst: str) -> None:
+        async with self._changing():
+            await self._rename_now(src, dst)
+
+    async def _rename_now(self, src: str, dst: str) -> None:
         if self.is_companion(dst):
             d = await self._dir(parent_of(dst))
             main_name = d.slots.get(basename(dst))
@@ -287,14 +303,14 @@ class MetaBackend(Backend):
         if self.is_companion(src):
             rendered = await self._companion(src)
             if rendered is not None:  # copy the companion out; the metadata stays with its file
-                await self.inner.write(dst, io.BytesIO(rendered[1]))
+                await self._mut(self.inner.write, dst, io.BytesIO(rendered[1]))
                 return
         if self.native:
             await self._rename_native(src, dst)
         elif self._sidecars_here(src) or self._sidecars_here(dst):
             await self._rename_sidecar(src, dst)
         else:
-            await self.inner.rename(src, dst)
+            await self._mut(self.inner.rename, src, dst)
         await self._index(lambda ix: ix.move(src, dst))
 
     async def _rename_native(self, src: str, dst: str) -> None:
@@ -309,13 +325,13 @@ class MetaBackend(Backend):
                     dst_user = self._user_native(dst_info)
             except NotFound:
                 pass
-        await self.inner.rename(src, dst)
+        await self._mut(self.inner.rename, src, dst)
         if src_info.kind != "file":
             return
         src_user = self._user_native(src_info)
         if src_user.is_empty() and not dst_user.is_empty():  # temp + rename over X keeps X's metadata
             main = await self.inner.stat(dst)
-            await self.inner.set_metadata(dst, self._content_type(main, dst_user), meta.to_s3(dst_user))
+            await self._mut(self.inner.set_metadata, dst, self._content_type(main, dst_user), meta.to_s3(dst_user))
         elif not dst_existed and not src_user.is_empty():
             self._moved[src] = (dst, time.monotonic(), None)
 
@@ -328,7 +344,7 @@ class MetaBackend(Backend):
         src_owners, dst_owners = before_src.owners(), before_dst.owners()
         carried = next((c for c, m in src_owners.items() if m == src_name), None) if is_file else None
         dst_existed = dst_name in before_dst.files
-        await self.inner.rename(src, dst)
+        await self._mut(self.inner.rename, src, dst)
         if not is_file:
             return
         if carried is not None:
@@ -336,15 +352,15 @@ class MetaBackend(Backend):
             # The moved file's companion becomes the target's (replacing any the target had).
             for c, m in list(dst_owners.items()):
                 if m == dst_name and not (ddir == sdir and c == carried):
-                    await self._quiet(self.inner.delete(join(ddir, c)))
+                    await self._quiet(self._mut(self.inner.delete, join(ddir, c)))
                     dst_owners.pop(c, None)
             after = await self._dir(ddir)
             slot = after.slot_of(dst_name)
             tmp_owner = join(sdir, carried)
             if slot is None:
-                await self._quiet(self.inner.delete(tmp_owner))
+                await self._quiet(self._mut(self.inner.delete, tmp_owner))
             elif join(ddir, slot) != tmp_owner:
-                await self.inner.rename(tmp_owner, join(ddir, slot))
+                await self._mut(self.inner.rename, tmp_owner, join(ddir, slot))
             if sdir == ddir:
                 src_owners.pop(slot or "", None)
             dst_owners = {c: m for c, m in dst_owners.items() if c != slot}
@@ -368,24 +384,40 @@ class MetaBackend(Backend):
             raise InvalidArgument(f"{exc}") from None
         stored = _stored_name(d, main_name)
         await self._store(d, main, user, stored)
-        await self.inner.delete(src)
+        await self._mut(self.inner.delete, src)
 
     # --- pass-through ---------------------------------------------------------------------------------
     async def mkdir(self, path: str, attrs: SetAttrs | None = None) -> ObjectInfo:
-        return await self.inner.mkdir(path, attrs)
+        async with self._changing():
+            return await self._mkdir_now(path, attrs)
+
+    async def _mkdir_now(self, path: str, attrs: SetAttrs | None = None) -> ObjectInfo:
+        return await self._mut(self.inner.mkdir, path, attrs)
 
     async def rmdir(self, path: str) -> None:
-        await self.inner.rmdir(path)
+        async with self._changing():
+            await self._rmdir_now(path)
+
+    async def _rmdir_now(self, path: str) -> None:
+        await self._mut(self.inner.rmdir, path)
         await self._index(lambda ix: ix.forget(path))
 
     async def symlink(self, path: str, target: str, attrs: SetAttrs | None = None) -> ObjectInfo:
-        return await self.inner.symlink(path, target, attrs)
+        async with self._changing():
+            return await self._symlink_now(path, target, attrs)
+
+    async def _symlink_now(self, path: str, target: str, attrs: SetAttrs | None = None) -> ObjectInfo:
+        return await self._mut(self.inner.symlink, path, target, attrs)
 
     async def set_attrs(self, path: str, attrs: SetAttrs) -> ObjectInfo:
+        async with self._changing():
+            return await self._set_attrs_now(path, attrs)
+
+    async def _set_attrs_now(self, path: str, attrs: SetAttrs) -> ObjectInfo:
         rendered = await self._companion(path)
         if rendered is not None:
             return rendered[0]  # a companion's attributes follow its file (cp -a sets them: accepted, ignored)
-        return await self.inner.set_attrs(path, attrs)
+        return await self._mut(self.inner.set_attrs, path, attrs)
 
     async def statfs(self) -> StatFs | None:
         return await self.inner.statfs()
@@ -451,16 +483,20 @@ class MetaBackend(Backend):
         return doc
 
     async def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
+        async with self._changing():
+            await self._set_xattr_now(path, name, value)
+
+    async def _set_xattr_now(self, path: str, name: str, value: bytes | None) -> None:
         if not name.startswith(meta.XATTR_PREFIX):
             if not self.inner.capabilities.xattrs:
                 raise NotSupported(f"{self.inner.type_name} has no extended attributes")
-            await self.inner.set_xattr(path, name, value)
+            await self._mut(self.inner.set_xattr, path, name, value)
             return
         key = name[len(meta.XATTR_PREFIX) :]
         if key not in meta.XATTR_FIELDS or not meta.has_companion(basename(path)):
             if not self.inner.capabilities.xattrs:
                 raise NotSupported(f"{name} is not a metadata field")
-            await self.inner.set_xattr(path, name, value)
+            await self._mut(self.inner.set_xattr, path, name, value)
             return
         d = await self._dir(parent_of(path))
         if basename(path) not in d.files or d.slot_of(basename(path)) is None:
@@ -492,11 +528,43 @@ class MetaBackend(Backend):
         return self._sidecar_mode and meta.dir_has_companions(parent_of(path)) and meta.has_companion(basename(path))
 
     async def _dir(self, path: str) -> _Dir:
+        """The folder as the inner backend lists it; reused for DIR_TTL seconds while nothing changes.
+
+        Rendering each companion of a folder needs that folder's listing; without
+        this, ``ls -l`` of N files listed the folder N times.  Any change made
+        through this wrapper drops every reused listing (see ``_changing``).
+        """
+        cached = self._dirs.get(path)
+        if cached is not None and time.monotonic() - cached[0] < DIR_TTL:
+            return cached[1]
+        generation = self._generation
         try:
             infos = await self.inner.list(path)
         except (NotFound, NotADirectory):
             infos = []
-        return _make_dir(path, infos)
+        d = _make_dir(path, infos)
+        if generation == self._generation:  # no change began or ended meanwhile
+            self._dirs[path] = (time.monotonic(), d)
+        return d
+
+    async def _mut(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """A change of the inner backend (reads repair too): reused folder listings are dropped after it."""
+        try:
+            return await fn(*args)
+        finally:
+            self._generation += 1
+            self._dirs.clear()
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Around every change: reused folder listings are dropped before and after it."""
+        self._generation += 1
+        self._dirs.clear()
+        try:
+            yield
+        finally:
+            self._generation += 1
+            self._dirs.clear()
 
     async def _companion(self, path: str) -> tuple[ObjectInfo, bytes] | None:
         """(info, bytes) when ``path`` is the companion of an existing file, else None."""
@@ -588,10 +656,10 @@ class MetaBackend(Backend):
                 return user
             found = meta.parse_stored(data)
             if user.is_empty() and not found.is_empty():
-                await self.inner.set_metadata(main.path, self._content_type(main, found), meta.to_s3(found))
+                await self._mut(self.inner.set_metadata, main.path, self._content_type(main, found), meta.to_s3(found))
                 user = found
                 log.info("imported %s as the metadata of %s", obj.path, main.path)
-            await self.inner.delete(obj.path)
+            await self._mut(self.inner.delete, obj.path)
         except OmniError as exc:
             log.warning("could not import %s as metadata of %s: %s", obj.path, main.path, exc)
         return user
@@ -599,10 +667,10 @@ class MetaBackend(Backend):
     async def _store(self, d: _Dir, main: ObjectInfo, user: UserMeta, stored: str | None) -> None:
         """Store the writable fields of ``main`` (native metadata or its sidecar file)."""
         if self.native:
-            await self.inner.set_metadata(main.path, self._content_type(main, user), meta.to_s3(user))
+            await self._mut(self.inner.set_metadata, main.path, self._content_type(main, user), meta.to_s3(user))
             for c in meta.alternate_names(main.name):  # a real object shadowed by the companion: now imported
                 if c in d.files and d.slots.get(c) == main.name and await self._is_companion_file(d.files[c]):
-                    await self._quiet(self.inner.delete(join(d.path, c)))
+                    await self._quiet(self._mut(self.inner.delete, join(d.path, c)))
         else:
             slot = d.slot_of(main.name)
             if slot is None:
@@ -614,12 +682,12 @@ class MetaBackend(Backend):
             if user.is_empty():
                 for name in {stored, slot} - {None}:
                     if name in d.files:
-                        await self._quiet(self.inner.delete(join(d.path, str(name))))
+                        await self._quiet(self._mut(self.inner.delete, join(d.path, str(name))))
             else:
                 data = meta.render(_system(main), user, self._default_ct(main))
-                await self.inner.write(target, io.BytesIO(data))
+                await self._mut(self.inner.write, target, io.BytesIO(data))
                 if stored is not None and stored != slot:
-                    await self._quiet(self.inner.delete(join(d.path, stored)))
+                    await self._quiet(self._mut(self.inner.delete, join(d.path, stored)))
         doc = meta.document(_system(main), user, self._default_ct(main))
         await self._index(lambda ix: ix.put(main.path, doc))
 
@@ -640,7 +708,7 @@ class MetaBackend(Backend):
                 moves.append((stored, slot))
         for stored, slot in moves:
             log.debug("companion of %s/%s: %s -> %s", dir_path, owners[stored], stored, slot)
-            await self.inner.rename(join(dir_path, stored), join(dir_path, slot))
+            await self._mut(self.inner.rename, join(dir_path, stored), join(dir_path, slot))
 
     async def _keep_moved_meta(self, path: str) -> None:
         """``path`` is about to be deleted: if a recent rename put it there, keep its metadata for the original.
