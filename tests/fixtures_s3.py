@@ -5,10 +5,17 @@ Fixtures:
 * ``s3_server`` (session): a :class:`MotoServer` subprocess that tests may
   ``freeze()``/``thaw()`` (SIGSTOP/SIGCONT, data kept) or ``stop()``/``start()``
   (same port; moto is in memory, so a restart loses every bucket).
+* ``spare_moto`` (module): another :class:`MotoServer` of the test module's own,
+  for replica tests that freeze one S3 server while the others stay up (so the
+  shared session server is never frozen).
 * ``s3_remote`` (function): a fresh, uniquely named bucket described as a
   :class:`RemoteSpec` (what a ``[remotes.NAME]`` table and a subprocess's
   environment would hold).
 * ``s3_client``: a boto3 client for checking objects directly.
+
+Helpers: :func:`running_moto_server` (start a server on a free loopback port,
+close it afterwards) and :func:`new_bucket_remote` (a fresh bucket on a given
+server as a :class:`RemoteSpec`).
 
 Credentials are dummies passed explicitly to clients (or via ``RemoteSpec.env``
 to subprocesses); ``os.environ`` is never changed.  Nothing but 127.0.0.1 is
@@ -162,8 +169,45 @@ class MotoServer:
             os.unlink(self._log.name)
 
 
+@contextlib.contextmanager
+def running_moto_server() -> Iterator[MotoServer]:
+    """A :class:`MotoServer` on a free 127.0.0.1 port, answering; closed (log removed) on exit.
+
+    Skips the calling test when moto's server mode or boto3 is not installed.
+    """
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def new_bucket_name() -> str:
     return f"omnifs-test-{uuid.uuid4().hex[:16]}"
+
+
+def new_bucket_remote(server: MotoServer, name: str | None = None, client: Any = None) -> RemoteSpec:
+    """Create a fresh bucket on ``server`` and describe it as a remote.
+
+    The remote is called ``name`` (by default ``s3-PORT``); ``client`` is a boto3
+    client for ``server`` to create the bucket with (by default a new one).
+    """
+    bucket = new_bucket_name()
+    (client or server.client()).create_bucket(Bucket=bucket)
+    return RemoteSpec(
+        name=name or f"s3-{server.port}",
+        config={
+            "type": "s3",
+            "bucket": bucket,
+            "endpoint_url": server.endpoint_url,
+            "region": REGION,
+            "addressing_style": "path",
+        },
+        env=dict(CREDENTIALS_ENV),
+    )
 
 
 def empty_bucket(client: Any, bucket: str) -> None:
@@ -194,14 +238,19 @@ def make_s3_backend(spec: RemoteSpec, **kwargs: Any) -> Any:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[MotoServer]:
     """A moto S3 server subprocess for the whole session (killed at the end)."""
-    pytest.importorskip("moto.server")
-    pytest.importorskip("boto3")
-    server = MotoServer()
-    server.start()
-    try:
+    with running_moto_server() as server:
         yield server
-    finally:
-        server.close()
+
+
+@pytest.fixture(scope="module")
+def spare_moto() -> Iterator[MotoServer]:
+    """A moto server of the test module's own, that its tests may freeze (the session one is shared).
+
+    A test that freezes it thaws it again itself (it stays up for the module's
+    next test); it is killed at the end of the module.
+    """
+    with running_moto_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -214,21 +263,9 @@ def s3_client(s3_server: MotoServer) -> Any:
 def s3_remote(s3_server: MotoServer, s3_client: Any) -> Iterator[RemoteSpec]:
     """A fresh, empty, uniquely named bucket as a remote spec; removed afterwards."""
     s3_server.start()  # restart or thaw if an earlier test left it stopped or frozen
-    bucket = new_bucket_name()
-    s3_client.create_bucket(Bucket=bucket)
-    spec = RemoteSpec(
-        name="s3test",
-        config={
-            "type": "s3",
-            "bucket": bucket,
-            "endpoint_url": s3_server.endpoint_url,
-            "region": REGION,
-            "addressing_style": "path",
-        },
-        env=dict(CREDENTIALS_ENV),
-    )
+    spec = new_bucket_remote(s3_server, "s3test", client=s3_client)
     yield spec
     s3_server.thaw()
     if s3_server.running():
         with contextlib.suppress(Exception):
-            empty_bucket(s3_client, bucket)
+            empty_bucket(s3_client, spec.config["bucket"])

@@ -108,19 +108,6 @@ async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0,
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def spare_bucket(server: Any) -> Any:
-    """A fresh bucket on ``server`` (a MotoServer) as a RemoteSpec for ``make_s3_backend``."""
-    from tests.fixtures_s3 import CREDENTIALS_ENV, REGION, RemoteSpec, new_bucket_name
-
-    bucket = new_bucket_name()
-    server.client().create_bucket(Bucket=bucket)
-    return RemoteSpec(
-        name=f"s3-{server.port}",
-        config={"bucket": bucket, "endpoint_url": server.endpoint_url, "region": REGION, "addressing_style": "path"},
-        env=dict(CREDENTIALS_ENV),
-    )
-
-
 def bucket_digests(client: Any, bucket: str) -> dict[str, str]:
     """Key -> sha256 of every object in a bucket (directory markers included)."""
     import hashlib

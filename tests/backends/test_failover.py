@@ -194,28 +194,14 @@ def test_log_survives_restart(tmp_path: Path) -> None:
 # --- real servers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def spare_moto():
-    """A moto server of its own, that tests freeze (the session one is shared)."""
-    pytest.importorskip("moto.server")
-    from tests.fixtures_s3 import MotoServer
-
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def test_s3_primary_frozen_writes_move_to_sftp_and_come_back(tmp_path: Path, spare_moto, sftp_remote) -> None:
     import hashlib
 
     from omnifs.backends.sftp import SFTPBackend
-    from tests.backends.replica_helpers import bucket_digests, spare_bucket
-    from tests.fixtures_s3 import make_s3_backend
+    from tests.backends.replica_helpers import bucket_digests
+    from tests.fixtures_s3 import make_s3_backend, new_bucket_remote
 
-    spec = spare_bucket(spare_moto)
+    spec = new_bucket_remote(spare_moto)
     bucket = spec.config["bucket"]
     client = spare_moto.client()
     root = sftp_remote.local_root

@@ -175,35 +175,20 @@ def test_repair_runs_in_order_per_child(tmp_path: Path) -> None:
 # --- real servers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def spare_moto():
-    """A moto server of its own, that tests freeze (the session one is shared)."""
-    pytest.importorskip("moto.server")
-    from tests.fixtures_s3 import MotoServer
-
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def test_quorum_2_of_3_real_servers(tmp_path: Path, spare_moto, s3_remote, s3_server) -> None:
     """S3 (frozen mid-way), S3 on another server and a local directory; the frozen one is repaired."""
     import hashlib
 
-    from tests.backends.replica_helpers import bucket_digests, dir_digests, spare_bucket
-    from tests.fixtures_s3 import make_s3_backend
+    from tests.backends.replica_helpers import bucket_digests, dir_digests
+    from tests.fixtures_s3 import make_s3_backend, new_bucket_remote
 
-    spec = spare_bucket(spare_moto)
+    spec = new_bucket_remote(spare_moto, "s3a")  # children need distinct names (they name the log's cursors)
     client = spare_moto.client()
     local_root = tmp_path / "local"
     local_root.mkdir()
     payload = {f"f{i}": hashlib.sha256(b"%d" % i).digest() * (50 + i) for i in range(10)}
 
     async def main() -> None:
-        spec.name = "s3a"  # children need distinct names (they name the log's cursors)
         kids = [make_s3_backend(spec), make_s3_backend(s3_remote), LocalBackend("loc", str(local_root))]
         mi = MirrorBackend("mi", kids, policy="quorum", quorum=2, log_dir=tmp_path / "log")
         for i in range(3):

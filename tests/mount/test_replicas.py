@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.backends.replica_helpers import bucket_digests, dir_digests, spare_bucket
-from tests.fixtures_s3 import CREDENTIALS_ENV, MotoServer
+from tests.backends.replica_helpers import bucket_digests, dir_digests
+from tests.fixtures_s3 import CREDENTIALS_ENV, MotoServer, new_bucket_remote
 from tests.mount.conftest import Remote, write_config
 from tests.mount.harness import REPO, isolated_env, wait_for
 
@@ -29,19 +29,9 @@ pytest.importorskip("moto.server")
 pytest.importorskip("paramiko")
 
 
-@pytest.fixture(scope="module")
-def spare_moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture
 def frozen_safe(spare_moto: MotoServer) -> Iterator[MotoServer]:
-    """The spare server, thawed again whatever the test does."""
+    """The spare server (``spare_moto``, from tests/fixtures_s3.py), running and thawed again whatever the test does."""
     spare_moto.start()
     try:
         yield spare_moto
@@ -83,11 +73,11 @@ def status_backends(mnt: Path, env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def failover_remote(tmp_path: Path, home: Path, server: MotoServer, sftp_remote: Any) -> tuple[Remote, str]:
-    spec = spare_bucket(server)
+    spec = new_bucket_remote(server)
     config = write_config(
         tmp_path / "config.toml",
         {
-            "prim": {"type": "s3", **spec.config},
+            "prim": dict(spec.config),
             "sec": dict(sftp_remote.config),
             "fo": {"type": "failover", "remotes": ["prim", "sec"]},
         },
@@ -156,11 +146,11 @@ def test_mirror_quorum_2_of_3_one_frozen(
     s3_server: MotoServer,
     sftp_remote: Any,
 ) -> None:
-    spec = spare_bucket(frozen_safe)
+    spec = new_bucket_remote(frozen_safe)
     config = write_config(
         tmp_path / "config.toml",
         {
-            "s3a": {"type": "s3", **spec.config},
+            "s3a": dict(spec.config),
             "s3b": dict(s3_remote.config),
             "nas": dict(sftp_remote.config),
             "mi": {"type": "mirror", "remotes": ["s3a", "s3b", "nas"], "policy": "quorum", "quorum": 2},
