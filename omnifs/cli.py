@@ -12,30 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from omnifs import __version__
-from omnifs.config import (
-    RemoteConfig,
-    ResolvedRemote,
-    build_backend,
-    cache_home,
-    load_config,
-    resolve_remote,
-    state_home,
-)
-from omnifs.credentials import MASK, CredentialError, redact
 from omnifs.errors import ConfigError, OmniError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from omnifs.config import RemoteConfig, ResolvedRemote
+
+# Light on purpose: `omnifs find` and `omnifs status` must start fast, so this module imports
+# neither omnifs.config nor omnifs.credentials (both pull in the backends and trio) nor
+# omnifs.mount (pyfuse3); commands import what they need.
 
 log = logging.getLogger("omnifs")
 
@@ -45,6 +40,39 @@ EXIT_USAGE = 2
 # Loggers that print request details at DEBUG; only -vvv shows them.
 _CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def redact(text: str) -> str:
+    """``credentials.redact``; until omnifs.credentials is imported no secret can be registered, so ``text``."""
+    credentials = sys.modules.get("omnifs.credentials")
+    return text if credentials is None else credentials.redact(text)  # type: ignore[no-any-return]
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    """Same rule as ``config._xdg`` (a test keeps them equal), without importing omnifs.config."""
+    value = os.environ.get(var)
+    return (Path(value) if value and os.path.isabs(value) else Path.home() / fallback) / "omnifs"
+
+
+def _cache_home() -> Path:
+    """``config.cache_home()``: one directory per remote, each holding its ``meta-index.sqlite``."""
+    return _xdg("XDG_CACHE_HOME", ".cache")
+
+
+def _state_home() -> Path:
+    """``config.state_home()``: staging, logs and mount records."""
+    return _xdg("XDG_STATE_HOME", ".local/state")
+
+
+def _omnifs_mountpoints() -> set[str]:
+    """Mountpoints of type fuse.omnifs in this namespace (what ``mount.is_omnifs_mount`` checks)."""
+    out = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "fuse.omnifs":
+                out.add(fields[4].encode().decode("unicode_escape"))
+    return out
 
 
 def _stderr_is_journal() -> bool:
@@ -87,6 +115,8 @@ def _setup_logging(verbose: int) -> None:
 
 def _excepthook(tp: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     """Print an uncaught exception like Python does, with secrets redacted."""
+    import traceback
+
     sys.stderr.write(redact("".join(traceback.format_exception(tp, value, tb))))
 
 
@@ -98,6 +128,8 @@ def _fail(message: str, code: int) -> NoReturn:
 def _complete_remotes(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """Shell completion of remote names from the config file."""
     from click.shell_completion import CompletionItem
+
+    from omnifs.config import load_config
 
     try:
         config = load_config(ctx.params.get("config_file"))
@@ -131,7 +163,7 @@ def _split_mount_args(args: tuple[str, ...]) -> tuple[str | None, str]:
 
 def _staging_dir(resolved: ResolvedRemote) -> Path:
     """Pending (not yet uploaded) data: state, not cache, so clearing caches never loses it."""
-    return state_home() / resolved.name / "staging"
+    return _state_home() / resolved.name / "staging"
 
 
 @main.command()
@@ -147,6 +179,8 @@ def mount(
 
     Without REMOTE the embedded default store (~/.local/share/omnifs/default) is mounted.
     """
+    from omnifs.config import build_backend, load_config, resolve_remote
+    from omnifs.credentials import CredentialError
     from omnifs.mount import check_mountpoint, is_omnifs_mount, parse_mount_options
 
     try:
@@ -173,7 +207,7 @@ def mount(
 
     source = spec or f"{resolved.name}:"
     try:
-        serve(backend, mountpoint, mount_opts, _staging_dir(resolved), source, cache_dir=cache_home() / resolved.name)
+        serve(backend, mountpoint, mount_opts, _staging_dir(resolved), source, cache_dir=_cache_home() / resolved.name)
     except RemoteUnreachable as exc:
         _fail(f"remote {resolved.name!r} ({backend.describe()}): {exc}", EXIT_RUNTIME)
     except ConfigError as exc:
@@ -195,9 +229,11 @@ def _mount_background(
     resolved: ResolvedRemote,
 ) -> None:
     """Start a detached foreground mount and return once the mount answers."""
+    import subprocess
+
     from omnifs.mount import is_omnifs_mount
 
-    log_dir = state_home() / "logs"
+    log_dir = _state_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"{resolved.name}.log"
     cmd = [sys.executable, "-m", "omnifs"]
@@ -238,6 +274,9 @@ def _mount_background(
 @click.option("-z", "--lazy", is_flag=True, help="Detach even if busy (fusermount3 -u -z).")
 def unmount(mountpoint: str, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT, letting pending uploads finish first."""
+    import signal
+    import subprocess
+
     from omnifs.mount import is_omnifs_mount, read_mount_record
 
     real = os.path.realpath(mountpoint)
@@ -303,6 +342,44 @@ def _config_path(config_file: Path | None) -> Path:
 
 def _echo_json(data: object) -> None:
     click.echo(redact(json.dumps(data, indent=2, sort_keys=False, default=str)))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+# Encodes a list of scalars with a separator that never occurs unescaped in JSON text (ensure_ascii).
+_COLUMN = json.JSONEncoder(separators=("\x00", ": "))
+_COMPACT = json.JSONEncoder(default=str)
+
+
+def _rows_json(key: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Return ``json.dumps({key: rows}, indent=2, default=str)``, faster for thousands of rows.
+
+    json's indenting encoder is pure Python (50 ms for 3,000 ``find`` results).
+    When every row has the same keys in the same order, scalars are encoded a
+    column at a time by the C encoder and each distinct container value once;
+    anything else takes ``json.dumps`` itself.  The output is identical.
+    """
+    keys = tuple(rows[0]) if rows else ()
+    if not keys or not all(type(k) is str for k in keys) or any(tuple(r) != keys for r in rows):
+        return json.dumps({key: rows}, indent=2, default=str)
+    pad = "\n      "
+    columns: list[list[str]] = []
+    for k in keys:
+        values = [r[k] for r in rows]
+        if all(type(v) in _SCALARS for v in values):
+            columns.append(_COLUMN.encode(values)[1:-1].split("\x00"))
+            continue
+        texts: dict[str, str] = {}  # compact encoding -> indented one (one is a function of the other)
+        column = []
+        for v in values:
+            compact = _COMPACT.encode(v)
+            text = texts.get(compact)
+            if text is None:
+                text = texts[compact] = json.dumps(v, indent=2, default=str).replace("\n", pad)
+            column.append(text)
+        columns.append(column)
+    template = "    {" + ",".join(pad + json.dumps(k).replace("%", "%%") + ": %s" for k in keys) + "\n    }"
+    items = ",\n".join([template % row for row in zip(*columns, strict=True)])
+    return f"{{\n  {json.dumps(key)}: [\n{items}\n  ]\n}}"
 
 
 @main.group("config")
@@ -407,6 +484,8 @@ def config_add(
     Running it again for an existing remote changes only what is given, e.g.
     to rotate a secret.
     """
+    from omnifs.credentials import CredentialError
+
     try:
         _config_add(name, rtype, secret_fields, unset, config_file, option_args)
     except CredentialError as exc:
@@ -425,7 +504,7 @@ def _config_add(
 ) -> None:
     from omnifs import credentials
     from omnifs.backends import backend_class, backend_types
-    from omnifs.config import NAME_RE, coerce_option, save_remote, validate_remote
+    from omnifs.config import NAME_RE, coerce_option, load_config, save_remote, validate_remote
 
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid remote name {name!r} (letters, digits, '_', '.', '-')", key="NAME")
@@ -536,6 +615,8 @@ def _where(rtype: str, options: Mapping[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def config_list(config_file: Path | None, as_json: bool) -> None:
     """List the configured remotes (secrets are named, never shown)."""
+    from omnifs.config import load_config
+
     try:
         config = load_config(config_file, must_exist=config_file is not None)
     except ConfigError as exc:
@@ -567,6 +648,8 @@ def _console() -> Any:
 
 
 def _get_remote(config_file: Path | None, name: str) -> RemoteConfig:
+    from omnifs.config import load_config
+
     config = load_config(config_file, must_exist=config_file is not None)
     rc = config.remotes.get(name)
     if rc is None:
@@ -578,6 +661,7 @@ def _get_remote(config_file: Path | None, name: str) -> RemoteConfig:
 def _secret_state(name: str, field: str, stored: Sequence[str]) -> dict[str, Any]:
     """Describe one secret without revealing it: where it comes from and whether it is there."""
     from omnifs import credentials
+    from omnifs.credentials import CredentialError
 
     source = credentials.source_of(name, field, stored)
     state: dict[str, Any] = {"source": source, "set": source == "env"}
@@ -601,6 +685,7 @@ def _secret_state(name: str, field: str, stored: Sequence[str]) -> dict[str, Any
 def config_show(name: str, config_file: Path | None, as_json: bool) -> None:
     """Show remote NAME with defaults filled in; secrets are masked."""
     from omnifs.backends import backend_class
+    from omnifs.credentials import MASK
 
     try:
         rc = _get_remote(config_file, name)
@@ -660,6 +745,7 @@ def config_remove(name: str, config_file: Path | None, force: bool) -> None:
     from omnifs import credentials
     from omnifs.backends import backend_class
     from omnifs.config import delete_remote
+    from omnifs.credentials import CredentialError
 
     try:
         rc = _get_remote(config_file, name)
@@ -699,6 +785,8 @@ def config_check(name: str, config_file: Path | None, write_test: bool, timeout:
     """Connect to remote NAME and report what works (exit 0 only if everything does)."""
     from omnifs import credentials
     from omnifs.backends import backend_class
+    from omnifs.config import ResolvedRemote, build_backend
+    from omnifs.credentials import CredentialError
 
     steps: list[dict[str, Any]] = []
 
@@ -793,10 +881,9 @@ async def _check_backend(backend: Any, timeout: float, write_test: bool, report:
 
 def active_mounts(records_dir: Path | None = None) -> list[dict[str, Any]]:
     """Read the mount records, keeping those whose process lives and whose mountpoint is mounted."""
-    from omnifs.mount import is_omnifs_mount, runtime_dir
-
-    directory = records_dir or runtime_dir()
+    directory = records_dir or _state_home() / "mounts"  # mount.runtime_dir()
     out = []
+    mounted: set[str] | None = None  # read once, and only if a record names a live process
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
             record = json.loads(path.read_text())
@@ -807,7 +894,11 @@ def active_mounts(records_dir: Path | None = None) -> list[dict[str, Any]]:
         pid, mountpoint = record.get("pid"), record.get("mountpoint")
         if not isinstance(pid, int) or not isinstance(mountpoint, str):
             continue
-        if not _alive(pid) or not is_omnifs_mount(mountpoint):
+        if not _alive(pid):
+            continue
+        if mounted is None:
+            mounted = _omnifs_mountpoints()
+        if os.path.realpath(mountpoint) not in mounted:
             continue
         out.append(record)
     return sorted(out, key=lambda r: str(r["mountpoint"]))
@@ -957,13 +1048,15 @@ def cache_group() -> None:
 
 def _cache_dirs(target: str | None, config_file: Path | None) -> list[Path]:
     """Cache directories for a mountpoint, a remote spec/name, or (None) every remote."""
-    root = cache_home()
+    root = _cache_home()
     if target is None:
         return sorted(p for p in root.iterdir() if (p / "data").is_dir()) if root.is_dir() else []
     real = os.path.realpath(target)
     for m in active_mounts():
         if m.get("mountpoint") == real and isinstance(m.get("remote"), str):
             return [root / str(m["remote"])]
+    from omnifs.config import load_config, resolve_remote
+
     spec = target if ":" in target else f"{target}:"
     try:
         resolved = resolve_remote(spec, load_config(config_file))
@@ -1108,9 +1201,9 @@ def find(
     if mount is not None and real is not None:
         point = str(mount["mountpoint"])
         under = os.path.relpath(real, point) if real != point else ""
-        searches.append((cache_home() / str(mount["remote"]), under, point.rstrip("/") + "/"))
-    elif target is not None and (cache_home() / target.rstrip(":")).is_dir() and ":" not in target.rstrip(":"):
-        searches.append((cache_home() / target.rstrip(":"), "", target.rstrip(":") + ":"))  # a remote's cache by name
+        searches.append((_cache_home() / str(mount["remote"]), under, point.rstrip("/") + "/"))
+    elif target is not None and (_cache_home() / target.rstrip(":")).is_dir() and ":" not in target.rstrip(":"):
+        searches.append((_cache_home() / target.rstrip(":"), "", target.rstrip(":") + ":"))  # a remote's cache by name
     else:
         for directory in _cache_dirs(target, config_file):
             searches.append((directory, "", f"{directory.name}:"))
@@ -1130,10 +1223,9 @@ def find(
             item["location"] = prefix + item["path"]
         results.extend(found)
     if as_json:
-        _echo_json({"results": results})
-        return
-    for item in results:
-        click.echo(item["location"])
+        click.echo(redact(_rows_json("results", results)))
+    elif results:
+        click.echo("\n".join(item["location"] for item in results))  # one write, not one per line
 
 
 @main.group("service")
