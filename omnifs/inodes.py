@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from omnifs.backends.base import ObjectInfo
+from omnifs.backends.base import ObjectInfo, basename, parent_of
 
 if TYPE_CHECKING:
     from omnifs.staging import StagedFile
@@ -102,6 +102,7 @@ class InodeTable:
         root = Node(ROOT_INODE, "", root_attr, lookups=1)
         self._by_inode: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
+        self._by_parent: dict[str, dict[str, Node]] = {}  # parent path -> name -> node (mirrors _by_path)
 
     @property
     def root(self) -> Node:
@@ -119,6 +120,23 @@ class InodeTable:
     def nodes(self) -> list[Node]:
         return list(self._by_inode.values())
 
+    def children(self, path: str) -> list[Node]:
+        """The nodes currently named directly inside directory ``path`` (O(children))."""
+        return list(self._by_parent.get(path, {}).values())
+
+    def _name(self, node: Node) -> None:
+        self._by_path[node.path] = node
+        self._by_parent.setdefault(parent_of(node.path), {})[basename(node.path)] = node
+
+    def _unname(self, path: str) -> None:
+        del self._by_path[path]
+        parent = parent_of(path)
+        siblings = self._by_parent.get(parent)
+        if siblings is not None:
+            siblings.pop(basename(path), None)
+            if not siblings:
+                del self._by_parent[parent]
+
     def ensure(self, info: ObjectInfo, attr: Attr, now: float) -> Node:
         """Return the node for ``info.path``, creating it or refreshing its attributes.
 
@@ -133,7 +151,7 @@ class InodeTable:
             node = Node(self._next, info.path, attr, refreshed=now, info=info)
             self._next += 1
             self._by_inode[node.inode] = node
-            self._by_path[node.path] = node
+            self._name(node)
         elif not node.authoritative:
             node.attr = attr
             node.refreshed = now
@@ -153,12 +171,12 @@ class InodeTable:
             return
         self._by_inode.pop(node.inode, None)
         if self._by_path.get(node.path) is node:
-            del self._by_path[node.path]
+            self._unname(node.path)
 
     def detach(self, node: Node) -> None:
         """Remove ``node`` from the namespace (unlinked); it lives on while referenced."""
         if self._by_path.get(node.path) is node:
-            del self._by_path[node.path]
+            self._unname(node.path)
         node.unlinked = True
         self.maybe_drop(node)
 
@@ -170,7 +188,7 @@ class InodeTable:
         prefix = old + "/"
         moved = [n for p, n in self._by_path.items() if p == old or p.startswith(prefix)]
         for node in moved:
-            del self._by_path[node.path]
+            self._unname(node.path)
         for node in moved:
             node.path = new + node.path[len(old) :]
-            self._by_path[node.path] = node
+            self._name(node)

@@ -162,18 +162,28 @@ class Journal:
         return op
 
     # --- replay ----------------------------------------------------------------------------
-    async def replay(self, backend: Backend, call: Callable[..., Awaitable[Any]]) -> bool:
+    async def replay(
+        self,
+        backend: Backend,
+        call: Callable[..., Awaitable[Any]],
+        before_attrs: Callable[[Op], Awaitable[None]] | None = None,
+    ) -> bool:
         """Apply pending operations in order through ``call(fn, *args)``; True once none is left.
 
-        Stops at the first operation that fails because the backend is
-        unavailable (it stays pending).  An operation the backend refuses for
-        any other reason is logged, listed in ``failures`` and skipped: it can
-        never succeed by repeating it, and it must not hold up the rest.
+        ``before_attrs(op)`` runs before an attribute or xattr change is applied
+        (the caller uploads data of that file still pending, so the change
+        lands on it rather than before it).  Stops at the first operation that
+        fails because the backend is unavailable (it stays pending).  An
+        operation the backend refuses for any other reason is logged, listed in
+        ``failures`` and skipped: it can never succeed by repeating it, and it
+        must not hold up the rest.
         """
         async with self._lock:
             while self.pending:
                 op = self.pending[0]
                 try:
+                    if before_attrs is not None and op.op in ("set_attrs", "set_xattr"):
+                        await before_attrs(op)
                     await self._apply(backend, op, call)
                 except OmniError as exc:
                     if isinstance(exc, (BackendUnavailable, TransientError)):

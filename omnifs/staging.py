@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from omnifs.errors import from_oserror
 log = logging.getLogger(__name__)
 
 FILL_CHUNK = 4 << 20
+ACCEPTED = ".accepted"  # suffix of a staged file's last accepted content (StagedFile.keep_accepted)
 
 
 class StagingArea:
@@ -76,6 +78,9 @@ class StagingArea:
             except (OSError, ValueError) as exc:
                 log.error("unreadable staging record %s (%s); data kept in %s", record_path, exc, data_path)
                 continue
+            accepted = data_path.with_suffix(ACCEPTED)
+            if accepted.exists():  # a later write was not accepted (refused, or cut short by the crash)
+                shutil.copyfile(accepted, data_path)
             # Opened lazily: thousands of pending files must not hold thousands of descriptors.
             staged = StagedFile(self, data_path, None)
             staged.size = data_path.stat().st_size
@@ -86,7 +91,7 @@ class StagingArea:
             out.append((staged, record))
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
-        for record_path in self.directory.glob("*.json"):
+        for record_path in [*self.directory.glob("*.json"), *self.directory.glob("*" + ACCEPTED)]:
             if not record_path.with_suffix("").exists():
                 record_path.unlink(missing_ok=True)
         return out
@@ -118,6 +123,9 @@ class StagedFile:
         self.broken = False  # a write failed: this content must never be uploaded
         self.closed_dirty = False  # holds data a close() already accepted, not yet uploaded
         self.base_version: str | None = None  # remote version this content was based on (None: unknown)
+        self.has_accepted = path.with_suffix(ACCEPTED).exists() if fd is None else False
+        self.generation = 0  # counts changes of the content
+        self.accepted_generation = -1  # the generation keep_accepted last saw
 
     @property
     def fd(self) -> int:
@@ -166,11 +174,7 @@ class StagedFile:
             os.replace(tmp, self.record_path)
             if durable:
                 os.fsync(self.fd)
-                dfd = os.open(self.area.directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                _fsync_dir(self.area.directory)
 
         self.recorded = True  # claimed before the write so concurrent writers do not repeat it
         await self.area.run(_write)
@@ -179,6 +183,7 @@ class StagedFile:
         return await self.area.run(os.pread, self.fd, size, offset)
 
     async def pwrite(self, offset: int, data: bytes) -> int:
+        self.generation += 1
         written = await self.area.run(os.pwrite, self.fd, data, offset)
         self.size = max(self.size, offset + written)
         self.dirty = True
@@ -195,6 +200,7 @@ class StagedFile:
             self.broken = True
 
     async def truncate(self, size: int) -> None:
+        self.generation += 1
         try:
             await self.area.run(os.ftruncate, self.fd, size)
         except BaseException:
@@ -221,6 +227,54 @@ class StagedFile:
         if self.recorded:
             self.recorded = False
             await self.area.run(lambda: self.record_path.unlink(missing_ok=True))
+        if self.has_accepted:
+            self.has_accepted = False
+            await self.area.run(lambda: self.accepted_path.unlink(missing_ok=True))
+
+    @property
+    def accepted_path(self) -> Path:
+        return self.path.with_suffix(ACCEPTED)
+
+    async def keep_accepted(self, data: bytes) -> None:
+        """Durably keep ``data`` (the current content, checked) as accepted, until it is uploaded.
+
+        For content checked at close (a companion document): a later write that
+        is refused, or cut short by a crash, can then never replace it --
+        :meth:`restore_accepted` puts it back, and recovery prefers it.  Call
+        with ``lock`` held.
+        """
+
+        def _copy() -> None:
+            tmp = self.accepted_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.accepted_path)
+            _fsync_dir(self.area.directory)
+
+        await self.area.run(_copy)
+        self.has_accepted = True
+        self.accepted_generation = self.generation
+
+    async def restore_accepted(self) -> bool:
+        """Make the content the last accepted one again (False: nothing accepted is pending)."""
+        if not self.has_accepted:
+            return False
+
+        def _restore() -> int:
+            data = self.accepted_path.read_bytes()
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+            os.fsync(self.fd)
+            return len(data)
+
+        self.size = await self.area.run(_restore)
+        self.broken = False
+        self.dirty = True
+        self.generation += 1
+        self.accepted_generation = self.generation
+        return True
 
     async def close(self) -> None:
         """Close and delete the local copy (idempotent)."""
@@ -235,5 +289,14 @@ class StagedFile:
                 os.close(fd)
             self.path.unlink(missing_ok=True)
             self.record_path.unlink(missing_ok=True)
+            self.accepted_path.unlink(missing_ok=True)
 
         await self.area.run(_close)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -33,7 +33,7 @@ import socket
 import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -156,6 +156,25 @@ def conflict_name(path: str, when: float | None = None) -> str:
     while len((stem + suffix).encode("utf-8", "surrogateescape")) > NAME_MAX:
         stem = stem[:-1]
     return join(parent, stem + suffix)
+
+
+VALIDATE_LIMIT = 1 << 20  # bytes of a companion read for checking (documents are far smaller)
+
+
+class _CachedView:
+    """The mount's cached view of the backend (metafiles.CachedView), for checks while it is away."""
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+
+    async def listing(self, path: str) -> list[ObjectInfo] | None:
+        got = await self.remote.cached_listing(path)
+        return None if got is None else list(got.values())
+
+    async def stat(self, path: str) -> ObjectInfo | None:
+        cache = self.remote.cache
+        got = None if cache is None else await self.remote.in_cache(cache.get_stat, path)
+        return None if got is None else got[1]
 
 
 class VFS:
@@ -380,10 +399,35 @@ class VFS:
             if self._calls_in_flight:
                 log.error("%d backend call(s) still unanswered after 600 s; replaying anyway", self._calls_in_flight)
         count = len(self.journal)
-        done = await self.journal.replay(self.backend, self.remote.guarded)
+        done = await self.journal.replay(self.backend, self.remote.guarded, self._upload_before_attrs)
         if done:
             log.warning("replayed %d journaled change(s) on %s", count, self.backend.name)
         return done
+
+    async def _upload_before_attrs(self, op: Any) -> None:
+        """Replay: upload pending data of the file a journaled attribute change applies to, and of its companion.
+
+        A file created offline reaches the backend with its upload, so an
+        xattr or chmod journaled after the create must follow that upload; a
+        companion written offline holds the whole document, so a metadata
+        xattr journaled after it must land after it too.  Raises
+        BackendUnavailable when the backend goes away again.
+        """
+        derived_paths = getattr(self.backend, "derived_paths", None)
+        paths = [op.path, *(derived_paths(op.path) if derived_paths is not None else [])]
+        for path in paths:
+            node = self.table.by_path(path)
+            if node is not None and node.open_count == 0:
+                if node.staged is not None and node.staged.dirty and not node.staged.broken:
+                    try:
+                        await self._sync(node, defer=False, replaying=True)
+                    except OmniError as exc:
+                        if is_unavailable(exc):
+                            raise BackendUnavailable(f"{path}: {exc}") from exc
+                        log.warning("upload of %s before a journaled change failed: %s", path, exc)
+                    await self._drop_clean_copy(node)  # a companion's copy would go stale at once
+            elif node is None and path in self._recovered and not await self._upload_recovered_path(path):
+                raise BackendUnavailable(f"{path}: upload before a journaled change did not go through")
 
     async def _require_absent(self, path: str, *, cached_ok: bool = False) -> None:
         """AlreadyExists if ``path`` exists (``cached_ok``: a fresh cached answer will do)."""
@@ -413,8 +457,8 @@ class VFS:
     def _pending_children(self, path: str) -> list[ObjectInfo]:
         """Files in directory ``path`` whose content exists only here (not uploaded yet)."""
         out = {}
-        for node in self.table.nodes():
-            if node.authoritative and not node.unlinked and node.path and parent_of(node.path) == path:
+        for node in self.table.children(path):
+            if node.authoritative and not node.unlinked:
                 a = node.attr
                 out[node.path] = ObjectInfo(
                     node.path, "file", a.size, a.mtime_ns, mode=a.mode & 0o7777, uid=a.uid, gid=a.gid
@@ -431,6 +475,14 @@ class VFS:
                     gid=record.get("gid"),
                 )
         return list(out.values())
+
+    def _subtree(self, path: str) -> list[Node]:
+        """The nodes at ``path`` and below it (a file: just itself, without scanning the table)."""
+        top = self.table.by_path(path)
+        if top is not None and top.kind != "dir":
+            return [top]
+        prefix = path + "/"
+        return [n for n in self.table.nodes() if n.path == path or n.path.startswith(prefix)]
 
     def _touch_dir(self, path: str) -> None:
         """Mark a directory's attributes stale after a change inside it."""
@@ -545,7 +597,10 @@ class VFS:
             return
         if staged.broken:
             raise OmniError(f"{node.path}: an earlier write failed; the file was not changed", errno=errno.EIO)
-        if await self._validate_staged(node, staged) or self.opts.write_back <= 0:
+        verdict = await self._validate_staged(node, staged)
+        if verdict is False:
+            return
+        if verdict or self.opts.write_back <= 0:
             await self._sync(node)
             return
         async with staged.lock:
@@ -561,25 +616,58 @@ class VFS:
         is_companion = getattr(self.backend, "is_companion", None)
         return bool(is_companion is not None and is_companion(path))
 
-    async def _validate_staged(self, node: Node, staged: StagedFile) -> bool:
-        """Let the backend check a companion at close; True when it is one (then it is stored at once).
+    async def _validate_staged(self, node: Node, staged: StagedFile) -> bool | None:
+        """Let the backend check a companion at close.
 
-        Invalid content raises (the writer sees EINVAL) and is discarded, never
-        uploaded: the backend keeps the metadata it had.  A companion is stored
-        at close rather than after ``write_back`` so that a later invalid write
-        can never take an accepted one down with it (offline, it is deferred
-        through the staging journal like any upload).
+        None: not a companion.  True: accepted (store it at once).  False: it was
+        written again while being checked (that content is checked at its own
+        close; nothing to do now).  Invalid content raises (the writer sees
+        EINVAL) and is never uploaded: the content accepted before it comes
+        back (if its upload is still pending), else the backend keeps the
+        metadata it had.  A companion is stored at close rather than after
+        ``write_back`` so that a later invalid write can never take an accepted
+        one down with it; offline it is checked against the cached view and
+        deferred through the staging journal like any upload.
         """
         validate = getattr(self.backend, "validate_staged", None)
         if validate is None or node.unlinked or not self._derived(node.path):
-            return False
+            return None
+        if staged.generation == staged.accepted_generation:
+            return True  # checked and accepted already (a second flush, a reader's close)
         await self._settle_sources(node.path)
+        async with staged.lock:
+            generation = staged.generation
+            data = await staged.pread(0, min(staged.size, VALIDATE_LIMIT))
         try:
-            await validate(node.path, staged.path, self._pending_attrs)
+            try:
+                if not self.remote.health.online:
+                    raise BackendUnavailable(f"backend {self.backend.name} is offline")
+                await self.remote.guarded(
+                    validate, node.path, data, self._pending_attrs, timeout=self.remote.settings.timeout
+                )
+            except OmniError as exc:
+                if not is_unavailable(exc):
+                    raise
+                # Away: checked against the cached view; stored when the backend is back.
+                await validate(node.path, data, self._pending_attrs, _CachedView(self.remote))
         except OmniError:
-            staged.broken = True
+            async with staged.lock:
+                if staged.generation == generation:
+                    if await staged.restore_accepted():  # an accepted document still waits for its upload
+                        node.attr.size = staged.size
+                    else:
+                        staged.broken = True
             raise
         staged.base_version = None  # rendered content changes with its file: no conflict copies
+        async with staged.lock:
+            if staged.generation != generation:
+                return False
+            if not data:  # truncation changes nothing: a document still waiting for its upload stays
+                if await staged.restore_accepted():
+                    node.attr.size = staged.size
+                staged.accepted_generation = staged.generation
+            else:
+                await staged.keep_accepted(data)
         return True
 
     async def _settle_sources(self, path: str) -> None:
@@ -590,8 +678,7 @@ class VFS:
         derived_paths = getattr(self.backend, "derived_paths", None)
         if derived_paths is None or not self._derived(path):
             return
-        parent = parent_of(path)
-        for node in self.table.nodes():
+        for node in self.table.children(parent_of(path)):
             staged = node.staged
             if (
                 staged is not None
@@ -599,7 +686,6 @@ class VFS:
                 and node.open_count == 0
                 and not node.unlinked
                 and not staged.broken
-                and parent_of(node.path) == parent
                 and path in derived_paths(node.path)
             ):
                 await self._sync(node)
@@ -644,11 +730,13 @@ class VFS:
 
     # --- end of companion hooks ------------------------------------------------------------------
 
-    async def _sync(self, node: Node, *, defer: bool = True) -> None:
+    async def _sync(self, node: Node, *, defer: bool = True, replaying: bool = False) -> None:
         """Upload dirty staged data of ``node`` now.
 
         When the backend is unavailable and ``defer`` is true, the data and its
         record are made durable locally and the upload is queued for retry.
+        ``replaying``: called from the journal replay, while the backend still
+        counts as offline.
         """
         staged = node.staged
         if staged is None or not staged.dirty or node.unlinked:
@@ -659,7 +747,7 @@ class VFS:
             if not staged.dirty or node.unlinked:
                 return
             try:
-                if not self.remote.health.online:
+                if not (self.remote.health.online or replaying):
                     raise BackendUnavailable(f"backend {self.backend.name} is offline")
                 theirs = await self._changed_elsewhere(node.path, staged.base_version)
                 if theirs is not None:
@@ -1046,9 +1134,8 @@ class VFS:
         """
         if self._direct():
             try:
-                for node in self.table.nodes():
-                    if node.path == old or node.path.startswith(old + "/"):
-                        await self._sync(node, defer=False)
+                for node in self._subtree(old):
+                    await self._sync(node, defer=False)
             except OmniError as exc:
                 if not is_unavailable(exc):
                     raise
@@ -1067,8 +1154,6 @@ class VFS:
             await self.remote.in_cache(cache.move_tree, old, new)
         await self.remote.record(old, None)
         if info is not None:
-            from dataclasses import replace
-
             await self.remote.record(new, replace(info, path=new))
 
     async def _move_recovered(self, old: str, new: str) -> None:
@@ -1082,7 +1167,6 @@ class VFS:
 
     def _follow_cached_data(self, new: str) -> None:
         """After a journaled rename, nodes and handles below ``new`` read cached data under their new path."""
-        from dataclasses import replace
 
         def under(path: str) -> bool:
             return path == new or path.startswith(new + "/")
@@ -1096,7 +1180,6 @@ class VFS:
 
     def _info_of(self, node: Node, change: SetAttrs) -> ObjectInfo:
         """``node``'s backend info with ``change`` applied (for a journaled attribute change)."""
-        from dataclasses import replace
 
         a = node.attr
         base = node.info or ObjectInfo(node.path, node.kind, a.size, a.mtime_ns)  # type: ignore[arg-type]
@@ -1268,8 +1351,8 @@ class VFS:
         if start == 0 or dh.entries is None:
             if getattr(self.backend, "lists_derived", False):
                 # Companions are rendered from what the backend has: closed files are uploaded first.
-                for node in self.table.nodes():
-                    if node.open_count == 0 and node.path and parent_of(node.path) == dh.node.path:
+                for node in self.table.children(dh.node.path):
+                    if node.open_count == 0:
                         await self._settle(node)
             entries = await self.remote.list(dh.node.path)
             listed = {info.path for info in entries}
@@ -1457,10 +1540,8 @@ class VFS:
         staged = node.staged
         if staged is None or not staged.dirty or node.unlinked or staged.broken:
             self._unschedule(node)
-            if staged is not None and not staged.dirty and node.open_count == 0 and not node.unlinked:
-                node.staged = None  # uploaded elsewhere (a recovered copy): nothing left to keep
-                await staged.close()
-                self.table.maybe_drop(node)
+            if not node.unlinked:
+                await self._drop_clean_copy(node)  # uploaded elsewhere (a recovered copy): nothing left to keep
             return
         try:
             await self._sync(node)
@@ -1468,10 +1549,15 @@ class VFS:
             log.error("upload of %s failed (%s); will retry", node.path, exc)
             self._schedule(node, self._backoff(node))
             return
-        if node.staged is not None and not node.staged.dirty:
+        await self._drop_clean_copy(node)
+
+    async def _drop_clean_copy(self, node: Node) -> None:
+        """Close ``node``'s staged copy once it is uploaded and no handle uses it."""
+        staged = node.staged
+        if staged is not None and not staged.dirty:
             self._unschedule(node)
             if node.open_count == 0:
-                staged, node.staged = node.staged, None
+                node.staged = None
                 await staged.close()
                 self.table.maybe_drop(node)
 
@@ -1483,35 +1569,41 @@ class VFS:
 
     async def _upload_recovered(self) -> None:
         """Upload files recovered from an earlier run that no lookup has adopted yet."""
-        for path, (staged, record) in list(self._recovered.items()):
-            if self.table.by_path(path) is not None:
-                continue
-            attrs = SetAttrs(
-                mode=record.get("mode"), uid=record.get("uid"), gid=record.get("gid"), mtime_ns=record.get("mtime_ns")
-            )
-            # The lock holds off writers of a node that adopts this copy meanwhile (a lookup).
-            async with staged.lock:
-                if not staged.dirty:
-                    continue  # uploaded by the node that adopted it
-                try:
-                    target = path
-                    if await self._changed_elsewhere(path, staged.base_version) is not None:
-                        target = conflict_name(path)
-                        log.warning("conflict: %s was changed elsewhere; uploading ours as %s", path, target)
-                        self.conflicts.append({"path": path, "copy": target, "time": time.time()})
-                    info = await self.remote.guarded(staged.upload, self.backend, target, attrs)
-                except OmniError as exc:
-                    log.info("recovered upload of %s still pending: %s", path, exc)
-                    if is_unavailable(exc):
-                        return
-                    continue
-                await self.remote.record(target, info)  # before it stops being listed from staging
-                await staged.uploaded()
-            log.warning("uploaded %s, recovered from an earlier run", path)
-            if self._recovered.get(path, (None,))[0] is staged:
-                del self._recovered[path]
-                await staged.close()
-            # else: adopted by a node meanwhile, which drops the clean copy (_upload_due)
+        for path in list(self._recovered):
+            if self.table.by_path(path) is None and not await self._upload_recovered_path(path):
+                return
+
+    async def _upload_recovered_path(self, path: str) -> bool:
+        """Upload the recovered copy of ``path`` (if still pending); False when the backend is unavailable."""
+        entry = self._recovered.get(path)
+        if entry is None:
+            return True
+        staged, record = entry
+        attrs = SetAttrs(
+            mode=record.get("mode"), uid=record.get("uid"), gid=record.get("gid"), mtime_ns=record.get("mtime_ns")
+        )
+        # The lock holds off writers of a node that adopts this copy meanwhile (a lookup).
+        async with staged.lock:
+            if not staged.dirty:
+                return True  # uploaded by the node that adopted it
+            try:
+                target = path
+                if await self._changed_elsewhere(path, staged.base_version) is not None:
+                    target = conflict_name(path)
+                    log.warning("conflict: %s was changed elsewhere; uploading ours as %s", path, target)
+                    self.conflicts.append({"path": path, "copy": target, "time": time.time()})
+                info = await self.remote.guarded(staged.upload, self.backend, target, attrs)
+            except OmniError as exc:
+                log.info("recovered upload of %s still pending: %s", path, exc)
+                return not is_unavailable(exc)
+            await self.remote.record(target, info)  # before it stops being listed from staging
+            await staged.uploaded()
+        log.warning("uploaded %s, recovered from an earlier run", path)
+        if self._recovered.get(path, (None,))[0] is staged:
+            del self._recovered[path]
+            await staged.close()
+        # else: adopted by a node meanwhile, which drops the clean copy (_upload_due)
+        return True
 
     async def _poll_loop(self) -> None:
         while True:

@@ -39,15 +39,22 @@ import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, BinaryIO
+from dataclasses import replace
+from typing import Any, BinaryIO, Protocol
 
 import trio
 
 from omnifs import meta
 from omnifs.backends.base import Backend, ObjectInfo, SetAttrs, StatFs, basename, join, parent_of
-from omnifs.errors import InvalidArgument, NoSuchAttribute, NotADirectory, NotFound, NotSupported, OmniError
+from omnifs.errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    NoSuchAttribute,
+    NotADirectory,
+    NotFound,
+    NotSupported,
+    OmniError,
+)
 from omnifs.meta import MetaError, SystemFields, UserMeta
 from omnifs.metaindex import MetaIndex
 
@@ -60,40 +67,123 @@ _PARALLEL = 16  # concurrent stats/reads while rendering the companions of one l
 LocalView = Callable[[str], "tuple[int, int] | None"]  # path -> (size, mtime_ns) of data not yet uploaded
 
 
-@dataclass(frozen=True, slots=True)
-class _Dir:
-    """One directory as seen for companion purposes."""
+class CachedView(Protocol):
+    """What the mount has cached, for checks while the backend is away."""
 
-    path: str
-    files: dict[str, ObjectInfo]  # regular files by name (mains and companion-named files)
-    slots: dict[str, str]  # companion name -> main name
+    async def listing(self, path: str) -> list[ObjectInfo] | None:
+        """The cached listing of directory ``path`` (None: not cached)."""
+
+    async def stat(self, path: str) -> ObjectInfo | None:
+        """The cached info of ``path`` (None: not cached or absent)."""
+
+
+class _Dir:
+    """One directory as seen for companion purposes: immutable once built, O(1) lookups.
+
+    Companion names can only clash between names with the same root (the part
+    before the first dot), so naming is computed per root group; ``with_file``
+    adds one file by recomputing only its group.
+    """
+
+    __slots__ = ("_groups", "_owners", "_slot_by_main", "_stored_by_main", "files", "path", "slots")
+
+    def __init__(self, path: str, files: dict[str, ObjectInfo]) -> None:
+        self.path = path
+        self.files = files  # regular files by name (mains and companion-named files)
+        self._groups: dict[str, frozenset[str]] = {}
+        grouped: dict[str, set[str]] = {}
+        for name in files:
+            grouped.setdefault(_root(name), set()).add(name)
+        self.slots: dict[str, str] = {}  # companion name -> main name
+        self._owners: dict[str, str] = {}  # sidecar file name -> main name
+        for root, names in grouped.items():
+            self._groups[root] = frozenset(names)
+            slots, owners = _group_naming(names, files)
+            self.slots.update(slots)
+            self._owners.update(owners)
+        self._slot_by_main = {m: c for c, m in self.slots.items()}
+        self._stored_by_main = {m: c for c, m in self._owners.items()}
 
     def slot_of(self, main: str) -> str | None:
-        for c, m in self.slots.items():
-            if m == main:
-                return c
-        return None
+        """The companion name of ``main`` in this directory (None: it gets none)."""
+        return self._slot_by_main.get(main)
+
+    def stored_of(self, main: str) -> str | None:
+        """The sidecar file holding ``main``'s metadata, if any."""
+        return self._stored_by_main.get(main)
 
     def owners(self) -> dict[str, str]:
-        """Sidecar file name -> main name, for companion files present in this directory.
+        """Sidecar file name -> main name, for companion files present in this directory (a fresh copy).
 
         A main owns the file at its current slot; failing that, the file at its
         other possible name when no other main could claim that name.
         """
-        out: dict[str, str] = {}
-        claims: dict[str, list[str]] = {}
-        for main in self.files:
-            if meta.has_companion(main):
-                for alt in meta.alternate_names(main):
-                    claims.setdefault(alt, []).append(main)
-        for c, m in self.slots.items():
-            if c in self.files:
-                out[c] = m
-        for alt, mains in claims.items():
-            if alt in self.files and alt not in out and len(mains) == 1 and alt not in self.slots:
-                if mains[0] not in out.values():
-                    out[alt] = mains[0]
+        return dict(self._owners)
+
+    def with_file(self, info: ObjectInfo) -> _Dir:
+        """This directory with ``info`` added or replaced; O(entries) copying, naming redone for one group."""
+        out = _Dir.__new__(_Dir)
+        out.path = self.path
+        out.files = dict(self.files)
+        out.files[info.name] = info
+        root = _root(info.name)
+        old = self._groups.get(root, frozenset())
+        names = old | {info.name}
+        out._groups = dict(self._groups)
+        out._groups[root] = names
+        out.slots = dict(self.slots)
+        out._owners = dict(self._owners)
+        out._slot_by_main = dict(self._slot_by_main)
+        out._stored_by_main = dict(self._stored_by_main)
+        for name in old:
+            slot = out._slot_by_main.pop(name, None)
+            if slot is not None:
+                del out.slots[slot]
+            stored = out._stored_by_main.pop(name, None)
+            if stored is not None:
+                del out._owners[stored]
+        slots, owners = _group_naming(names, out.files)
+        out.slots.update(slots)
+        out._owners.update(owners)
+        out._slot_by_main.update({m: c for c, m in slots.items()})
+        out._stored_by_main.update({m: c for c, m in owners.items()})
         return out
+
+    def moves_after_adding(self, after: _Dir, name: str) -> list[tuple[str, str]]:
+        """(sidecar, new name) pairs for sidecars whose companion name changes when ``name`` joins (``after``)."""
+        moves = []
+        for main in self._groups.get(_root(name), ()):
+            stored = self._stored_by_main.get(main)
+            if stored is None or main not in after.files or stored not in after.files:
+                continue
+            slot = after.slot_of(main)
+            if slot is not None and slot != stored:
+                moves.append((stored, slot))
+        return moves
+
+
+def _root(name: str) -> str:
+    """The part of a name before its first dot: names with different roots never share a companion name."""
+    return name.partition(".")[0]
+
+
+def _group_naming(names: Iterable[str], files: Mapping[str, ObjectInfo]) -> tuple[dict[str, str], dict[str, str]]:
+    """(companion name -> main, sidecar file -> main) for one root group of a directory's file names."""
+    names = sorted(names)
+    slots = meta.companion_map(names)
+    owners = {c: m for c, m in slots.items() if c in files}
+    claims: dict[str, list[str]] = {}
+    for main in names:
+        if meta.has_companion(main):
+            for alt in meta.alternate_names(main):
+                if alt in files:
+                    claims.setdefault(alt, []).append(main)
+    owned = set(owners.values())
+    for alt, mains in claims.items():
+        if alt not in owners and len(mains) == 1 and alt not in slots and mains[0] not in owned:
+            owners[alt] = mains[0]
+            owned.add(mains[0])
+    return slots, owners
 
 
 class MetaBackend(Backend):
@@ -135,23 +225,39 @@ class MetaBackend(Backend):
             return []
         return [join(parent_of(path), c) for c in meta.alternate_names(name)]
 
-    async def validate_staged(self, path: str, content: Path, local: LocalView) -> None:
+    async def validate_staged(
+        self, path: str, data: bytes, local: LocalView, cached: CachedView | None = None
+    ) -> None:
         """Check a companion about to be accepted at close; InvalidArgument (or E2BIG) says why.
 
-        ``content`` is the staged local copy; ``local`` gives the size and mtime
-        of a main file whose new data is not uploaded yet.  Paths that are not
-        companions return at once without I/O.
+        ``data`` is the written document; ``local`` gives the size and mtime
+        of a main file whose new data is not uploaded yet.  With ``cached``
+        (the backend is away) the check uses only what the mount has cached and
+        does no backend I/O: the document and its read-only fields are checked,
+        S3's size limit and a foreign file in the sidecar's place only when the
+        upload arrives (``write``; refused then, and logged).  Paths that are
+        not companions return at once without I/O.
         """
         if not self.is_companion(path):
             return
-        d = await self._dir(parent_of(path))
+        if cached is None:
+            d = await self._dir(parent_of(path))
+        else:
+            listing = await cached.listing(parent_of(path))
+            if listing is None:
+                raise BackendUnavailable(f"{parent_of(path) or '/'}: offline and not cached; cannot check {path}")
+            d = _make_dir(parent_of(path), listing)
         main_name = d.slots.get(basename(path))
         if main_name is None:
             return  # an ordinary file that happens to end in .meta.json
-        data = await trio.to_thread.run_sync(_read_head, content, meta.MAX_DOCUMENT + 1)
+        if len(data) > meta.MAX_DOCUMENT:
+            raise OmniError(f"{path}: companion larger than {meta.MAX_DOCUMENT} bytes", errno=errno.E2BIG)
         if not data.strip():
             return  # truncated (O_TRUNC before the new content): an empty companion changes nothing
-        main = await self._main_info(d.files[main_name])
+        if cached is None:
+            main = await self._main_info(d.files[main_name])
+        else:
+            main = await cached.stat(d.files[main_name].path) or d.files[main_name]
         pending = local(main.path)
         if pending is not None:
             main = replace(main, size=pending[0], mtime_ns=pending[1])
@@ -160,6 +266,8 @@ class MetaBackend(Backend):
         except MetaError as exc:
             log.warning("refused %s: %s (the previous metadata stays)", path, exc)
             raise InvalidArgument(f"{path}: {exc}") from None
+        if cached is not None:
+            return
         if self.native:
             await self.inner.set_metadata(main.path, self._content_type(main, user), meta.to_s3(user), check_only=True)
         else:
@@ -220,8 +328,43 @@ class MetaBackend(Backend):
 
     # --- writing ------------------------------------------------------------------------------------
     async def write(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
+        name = basename(path)
+        if meta.has_companion(name) and meta.dir_has_companions(parent_of(path)):
+            return await self._write_main(path, src, attrs)
         async with self._changing():
             return await self._write_now(path, src, attrs)
+
+    async def _write_main(self, path: str, src: BinaryIO, attrs: SetAttrs | None) -> ObjectInfo:
+        """Upload a file that has a companion; the folder's reused view is updated, not dropped.
+
+        A bulk copy into one folder thus lists it about once per ``DIR_TTL``
+        rather than twice per file.  A new name that changes which companion
+        names clash moves the affected sidecar files (the collision rule).
+        """
+        parent, name = parent_of(path), basename(path)
+        before = await self._dir(parent) if self._sidecar_mode else None
+        self._generation += 1  # a listing of this folder running meanwhile is not reused
+        try:
+            info = await self.inner.write(path, src, attrs)
+        except BaseException:
+            self._dirs.pop(parent, None)
+            raise
+        finally:
+            self._generation += 1
+        reusable = self._reusable(parent)
+        if reusable is None:
+            if before is not None and name not in before.files:
+                await self._normalise(parent, before.owners())
+        else:
+            stamp, d = reusable
+            after = d.with_file(replace(info, mode=None) if self.native else info)  # native: user metadata unknown
+            self._dirs[parent] = (stamp, after)
+            if self._sidecar_mode and name not in d.files:
+                for stored, slot in d.moves_after_adding(after, name):
+                    log.debug("companion of %s/%s: %s -> %s", parent, after.owners().get(stored), stored, slot)
+                    await self._mut(self.inner.rename, join(parent, stored), join(parent, slot))
+        await self._after_main_write(path)
+        return info
 
     async def _write_now(self, path: str, src: BinaryIO, attrs: SetAttrs | None = None) -> ObjectInfo:
         if self.is_companion(path):
@@ -534,9 +677,9 @@ class MetaBackend(Backend):
         this, ``ls -l`` of N files listed the folder N times.  Any change made
         through this wrapper drops every reused listing (see ``_changing``).
         """
-        cached = self._dirs.get(path)
-        if cached is not None and time.monotonic() - cached[0] < DIR_TTL:
-            return cached[1]
+        reusable = self._reusable(path)
+        if reusable is not None:
+            return reusable[1]
         generation = self._generation
         try:
             infos = await self.inner.list(path)
@@ -546,6 +689,13 @@ class MetaBackend(Backend):
         if generation == self._generation:  # no change began or ended meanwhile
             self._dirs[path] = (time.monotonic(), d)
         return d
+
+    def _reusable(self, path: str) -> tuple[float, _Dir] | None:
+        """(listed at, view) of ``path`` while it may be reused."""
+        cached = self._dirs.get(path)
+        if cached is not None and time.monotonic() - cached[0] < DIR_TTL:
+            return cached
+        return None
 
     async def _mut(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """A change of the inner backend (reads repair too): reused folder listings are dropped after it."""
@@ -578,7 +728,11 @@ class MetaBackend(Backend):
         return await self._render(d, basename(path), d.files[main_name], stored)
 
     async def _main_info(self, info: ObjectInfo, *, fresh: bool = False) -> ObjectInfo:
-        """Full info of a main file: listings of native backends lack user metadata."""
+        """Full info of a main file: listings of native backends lack user metadata.
+
+        (The S3 backend itself remembers what HEAD told it per object version,
+        and lists such objects with full info.)
+        """
         if fresh or (self.native and info.mode is None):
             return await self.inner.stat(info.path)
         return info
@@ -780,25 +934,16 @@ class MetaBackend(Backend):
 
 
 def _make_dir(path: str, infos: Iterable[ObjectInfo]) -> _Dir:
-    files = {i.name: i for i in infos if i.kind == "file"}
-    return _Dir(path, files, meta.companion_map(files))
+    return _Dir(path, {i.name: i for i in infos if i.kind == "file"})
 
 
 def _stored_name(d: _Dir, main_name: str) -> str | None:
     """The sidecar file holding ``main_name``'s metadata, if any."""
-    return next((c for c, m in d.owners().items() if m == main_name), None)
+    return d.stored_of(main_name)
 
 
 def _system(main: ObjectInfo) -> SystemFields:
     return SystemFields(main.name, main.size, main.mtime_ns, main.ctime_ns, main.etag)
-
-
-def _read_head(path: Path, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit)
-    if len(data) >= limit:
-        raise OmniError(f"companion larger than {meta.MAX_DOCUMENT} bytes", errno=errno.E2BIG)
-    return data
 
 
 def _read_stream(src: BinaryIO, limit: int) -> bytes:

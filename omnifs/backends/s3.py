@@ -313,6 +313,7 @@ class _Obj:
     content_type: str | None
     metadata: dict[str, str]
     extra: dict[str, str] = field(default_factory=dict)
+    epoch: int = -1  # _AttrCache.epoch when the request was sent (-1: unknown, never cached)
 
     @property
     def is_symlink(self) -> bool:
@@ -346,13 +347,17 @@ class _AttrCache:
 
     A version is (ETag, LastModified in whole seconds): HEAD reports seconds,
     LIST milliseconds.  Lets ``list`` report mode/uid/gid/mtime and symlink
-    targets of objects seen before without a request per object.
+    targets of objects seen before without a request per object.  Two
+    metadata changes within one second leave the version unchanged, so an
+    answer to a request sent before any change (``drop``) is not stored: it
+    could be older than the change.
     """
 
     def __init__(self, size: int = 16384) -> None:
         self._size = size
         self._data: collections.OrderedDict[str, tuple[tuple[str | None, int], ObjectInfo]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.epoch = 0  # counts drops: a request remembers it when sent
 
     @staticmethod
     def version(etag: str | None, last_modified_ns: int) -> tuple[str | None, int]:
@@ -366,8 +371,12 @@ class _AttrCache:
             self._data.move_to_end(key)
             return hit[1]
 
-    def put(self, key: str, version: tuple[str | None, int], info: ObjectInfo) -> None:
+    def put(self, key: str, version: tuple[str | None, int], info: ObjectInfo, epoch: int) -> None:
+        """Remember ``info``, learnt by a request sent at ``epoch``, unless something changed since."""
         with self._lock:
+            if epoch != self.epoch:
+                self._data.pop(key, None)
+                return
             self._data[key] = (version, info)
             self._data.move_to_end(key)
             while len(self._data) > self._size:
@@ -375,6 +384,7 @@ class _AttrCache:
 
     def drop(self, key: str) -> None:
         with self._lock:
+            self.epoch += 1
             self._data.pop(key, None)
 
 
@@ -619,14 +629,16 @@ class S3Backend(Backend):
     # --- blocking primitives (run in worker threads) ----------------------------------------
     def _head(self, key: str) -> _Obj | None:
         """HEAD ``key``; None when it does not exist."""
+        epoch = self._cache.epoch
         try:
             resp = self._call("head_object", self._what(key), Key=key)
         except NotFound:
             return None
-        return _Obj.from_response(key, resp)
+        return replace(_Obj.from_response(key, resp), epoch=epoch)
 
     def _get(self, key: str) -> tuple[_Obj, bytes]:
         """GET a whole (small) object: its metadata and body."""
+        epoch = self._cache.epoch
         resp = self._call("get_object", self._what(key), Key=key)
         body = resp["Body"]
         try:
@@ -635,7 +647,7 @@ class S3Backend(Backend):
             raise self._translate(exc, self._what(key)) or exc from exc
         finally:
             body.close()
-        return _Obj.from_response(key, resp), data
+        return replace(_Obj.from_response(key, resp), epoch=epoch), data
 
     def _below(self, prefix: str, n: int = 1) -> list[str]:
         """Return up to ``n`` keys starting with ``prefix`` (at any depth)."""
@@ -768,7 +780,7 @@ class S3Backend(Backend):
             metadata=_user_metadata(meta),
             target=target,
         )
-        self._cache.put(obj.key, version, info)
+        self._cache.put(obj.key, version, info, obj.epoch)
         return info
 
     @staticmethod
