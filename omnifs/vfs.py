@@ -238,8 +238,13 @@ class VFS:
             raise InvalidPath(f"invalid name {name!r}")
         return join(parent.path, name)
 
-    def _ingest(self, info: ObjectInfo) -> Node:
+    def _ingest(self, info: ObjectInfo, *, full: bool = False) -> Node:
         """Record backend info in the table; keep known mode/owner when info lacks them.
+
+        ``full``: ``info`` is the backend's answer to a stat, so a missing mode
+        means the object has none (an S3 object written by another tool, an
+        implicit S3 directory), not that a listing left it out: the node is
+        complete, and cached for ``attr_ttl`` like any other.
 
         A file whose content changed on the backend gets a new inode: with the
         writeback cache the kernel trusts its own size and pages for an inode it
@@ -258,7 +263,7 @@ class VFS:
             self._replaced(existing)
             existing = None
         attr = Attr.from_info(info, self.opts.uid, self.opts.gid)
-        partial = info.mode is None and info.kind != "symlink"
+        partial = not full and info.mode is None and info.kind != "symlink"
         if partial and existing is not None and existing.kind == info.kind and not existing.partial:
             attr.mode, attr.uid, attr.gid = existing.attr.mode, existing.attr.uid, existing.attr.gid
             partial = False
@@ -304,16 +309,15 @@ class VFS:
         if node.authoritative or node.unlinked or node.inode == 1:
             return node
         await self._settle_sources(node.path)
+        allow_cached = not (force or node.partial or self._derived(node.path))
         try:
-            info = await self.remote.stat(
-                node.path, allow_cached=not (force or node.partial or self._derived(node.path))
-            )
+            info = await self.remote.stat(node.path, allow_cached=allow_cached)
         except NotFound:
             self.table.detach(node)
             raise
         # A replaced object gets a new inode (see _ingest); this one keeps its
         # last attributes until the kernel looks the name up again.
-        self._ingest(info)
+        self._ingest(info, full=not allow_cached and self.remote.health.online)
         return node
 
     def _direct(self) -> bool:
@@ -863,15 +867,14 @@ class VFS:
             node = self.table.by_path(path)
             if node is None or not self._fresh(node):
                 await self._settle_sources(path)
+                allow_cached = (node is None or not node.partial) and not self._derived(path)
                 try:
-                    info = await self.remote.stat(
-                        path, allow_cached=(node is None or not node.partial) and not self._derived(path)
-                    )
+                    info = await self.remote.stat(path, allow_cached=allow_cached)
                 except NotFound:
                     if node is not None and not node.authoritative:
                         self.table.detach(node)
                     raise
-                node = self._ingest(info)
+                node = self._ingest(info, full=not allow_cached and self.remote.health.online)
         node.lookups += 1
         return node
 

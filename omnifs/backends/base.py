@@ -127,7 +127,9 @@ class Capabilities:
     xattrs: bool = True
     posix_attrs: bool = True  # stores mode/uid/gid/mtime
     statfs: bool = True
-    native_metadata: bool = False  # stores user metadata and a content type per file (set_metadata)
+    # Stores user metadata and a content type per file (set_metadata).  Its listings may leave
+    # both out; an info whose content_type is None then lacks them (a stat has them).
+    native_metadata: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -357,7 +357,7 @@ class MetaBackend(Backend):
                 await self._normalise(parent, before.owners())
         else:
             stamp, d = reusable
-            after = d.with_file(replace(info, mode=None) if self.native else info)  # native: user metadata unknown
+            after = d.with_file(replace(info, content_type=None) if self.native else info)  # native: re-read metadata
             self._dirs[parent] = (stamp, after)
             if self._sidecar_mode and name not in d.files:
                 for stored, slot in d.moves_after_adding(after, name):
@@ -733,7 +733,7 @@ class MetaBackend(Backend):
         (The S3 backend itself remembers what HEAD told it per object version,
         and lists such objects with full info.)
         """
-        if fresh or (self.native and info.mode is None):
+        if fresh or (self.native and info.content_type is None):
             return await self.inner.stat(info.path)
         return info
 
