@@ -196,8 +196,8 @@ class Remote:
     async def record(self, path: str, info: ObjectInfo | None) -> None:
         """Write-through: remember the result of a change this mount made."""
         if self.cache is not None:
-            await self.in_cache(self.cache.record, path, info)
-            await self._forget_derived(path)
+            derived, stale = self._derived_of(path)
+            await self.in_cache(_record_change, self.cache, path, info, derived, stale)
 
     async def record_listing(self, path: str, infos: list[ObjectInfo]) -> None:
         """Write-through of a listing this mount knows completely (a directory it just created)."""
@@ -213,14 +213,17 @@ class Remote:
 
     async def _forget_derived(self, path: str) -> None:
         """Drop cached entries rendered from ``path`` (its companion .meta.json, backends/metafiles.py)."""
+        derived, stale = self._derived_of(path)
+        if derived and self.cache is not None:
+            await self.in_cache(_record_change, self.cache, None, None, derived, stale)
+
+    def _derived_of(self, path: str) -> tuple[list[str], str | None]:
+        """(cached paths rendered from ``path``, the listing that shows them, to mark stale) -- no I/O."""
         derived = getattr(self.backend, "derived_paths", None)
-        paths = derived(path) if derived is not None and self.cache is not None else []
-        if paths and self.cache is not None:
-            for p in paths:
-                await self.in_cache(self.cache.forget_stat, p)
-            if getattr(self.backend, "lists_derived", False):
-                # The listing shows the companion too: list again when online, keep it for offline use.
-                await self.in_cache(self.cache.stale_listing, parent_of(path))
+        paths = derived(path) if derived is not None else []
+        # The listing shows the companion too: list again when online, keep it for offline use.
+        stale = parent_of(path) if paths and getattr(self.backend, "lists_derived", False) else None
+        return paths, stale
 
     # --- data -------------------------------------------------------------------------------
     @property
@@ -370,3 +373,15 @@ class Remote:
             return False
         self._nursery.start_soon(fn, *args)
         return True
+
+
+def _record_change(
+    cache: DiskCache, path: str | None, info: ObjectInfo | None, derived: list[str], stale: str | None
+) -> None:
+    """One worker-thread trip: record a change at ``path`` and forget what is rendered from it."""
+    if path is not None:
+        cache.record(path, info)
+    for p in derived:
+        cache.forget_stat(p)
+    if stale is not None:
+        cache.stale_listing(stale)

@@ -102,10 +102,19 @@ class StagingArea:
         except OSError as exc:
             raise from_oserror(exc, "staging") from exc
 
-    async def create(self) -> StagedFile:
+    async def create(self, record: dict[str, Any] | None = None) -> StagedFile:
+        """A new empty staged file; with ``record`` its (not yet durable) record too, in one worker-thread trip."""
         path = self.directory / uuid.uuid4().hex
-        fd = await self.run(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        return StagedFile(self, path, fd)
+
+        def _create() -> int:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            if record is not None:
+                _write_record_file(path.with_suffix(".json"), record, durable=False)
+            return fd
+
+        staged = StagedFile(self, path, await self.run(_create))
+        staged.recorded = record is not None
+        return staged
 
 
 class StagedFile:
@@ -165,13 +174,7 @@ class StagedFile:
         """Atomically (re)write the record naming this file's backend path; fsync when ``durable``."""
 
         def _write() -> None:
-            tmp = self.record_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.record_path)
+            _write_record_file(self.record_path, record, durable=durable)
             if durable:
                 os.fsync(self.fd)
                 _fsync_dir(self.area.directory)
@@ -300,3 +303,14 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _write_record_file(record_path: Path, record: dict[str, Any], *, durable: bool) -> None:
+    """Atomically replace ``record_path`` with ``record`` as JSON (fsynced when ``durable``)."""
+    tmp = record_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, record_path)

@@ -1214,13 +1214,22 @@ class VFS:
         """Create a file that exists only here until its first upload."""
         now = _now()
         info = ObjectInfo(path, "file", 0, now, mode=perms, uid=ctx.uid, gid=ctx.gid)
-        staged = await self.staging.create()
+        attr = Attr.from_info(info, ctx.uid, ctx.gid)
+        record = {
+            "path": path,
+            "mode": attr.mode & 0o7777,
+            "uid": attr.uid,
+            "gid": attr.gid,
+            "mtime_ns": attr.mtime_ns,
+            "base_version": ABSENT,
+        }
+        staged = await self.staging.create(record)  # a crash now still leaves the (empty) file pending
         staged.base_version = ABSENT  # the upload checks that nobody else created the name meanwhile
-        node = self.table.ensure(info, Attr.from_info(info, ctx.uid, ctx.gid), time.monotonic())
+        staged.dirty = True
+        node = self.table.ensure(info, attr, time.monotonic())
         node.info = None  # nothing on the backend yet: reads come from the staged copy
         node.partial = False
         node.staged = staged
-        await self._dirtied(node, staged)
         await self.remote.record(path, info)
         node.lookups += 1
         node.open_count += 1
