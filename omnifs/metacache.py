@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from omnifs.backends.base import ObjectInfo, basename, join, parent_of, version_key
+from omnifs.sqlite_db import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stats (path TEXT PRIMARY KEY, parent TEXT NOT NULL, fetched REAL NOT NULL, info BLOB);
@@ -59,10 +60,7 @@ class MetadataStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA, timeout=60)
 
     def close(self) -> None:
         with self._lock:

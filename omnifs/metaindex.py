@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omnifs.sqlite_db import open_db
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "meta-index.sqlite"
@@ -55,10 +57,7 @@ class MetaIndex:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
