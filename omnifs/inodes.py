@@ -185,8 +185,12 @@ class InodeTable:
         victim = self._by_path.get(new)
         if victim is not None:
             self.detach(victim)
-        prefix = old + "/"
-        moved = [n for p, n in self._by_path.items() if p == old or p.startswith(prefix)]
+        top = self._by_path.get(old)
+        if top is not None and top.kind != "dir":
+            moved = [top]  # a file or symlink has nothing below it: no scan of the table
+        else:
+            prefix = old + "/"
+            moved = [n for p, n in self._by_path.items() if p == old or p.startswith(prefix)]
         for node in moved:
             self._unname(node.path)
         for node in moved:

@@ -105,12 +105,11 @@ class MetaIndex:
 
     def forget(self, path: str) -> None:
         """Drop ``path`` and everything below it."""
-        below = _like_prefix(path)
         with self._lock:
             self._known.clear()
             self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM files WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, below))
-            self._db.execute("DELETE FROM tags WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, below))
+            self._db.execute(f"DELETE FROM files WHERE {_SUBTREE}", _subtree(path))
+            self._db.execute(f"DELETE FROM tags WHERE {_SUBTREE}", _subtree(path))
             self._db.execute("COMMIT")
 
     def move(self, src: str, dst: str) -> None:
@@ -120,12 +119,8 @@ class MetaIndex:
             self._db.execute("BEGIN")
             try:
                 for table in ("files", "tags"):
-                    self._db.execute(
-                        f"DELETE FROM {table} WHERE path = ? OR path LIKE ? ESCAPE '\\'", (dst, _like_prefix(dst))
-                    )
-                rows = self._db.execute(
-                    "SELECT path FROM files WHERE path = ? OR path LIKE ? ESCAPE '\\'", (src, _like_prefix(src))
-                ).fetchall()
+                    self._db.execute(f"DELETE FROM {table} WHERE {_SUBTREE}", _subtree(dst))
+                rows = self._db.execute(f"SELECT path FROM files WHERE {_SUBTREE}", _subtree(src)).fetchall()
                 for (old,) in rows:
                     new = dst + old[len(src) :]
                     self._db.execute(
@@ -163,8 +158,8 @@ class MetaIndex:
                 cond.append("CAST(json_extract(f.custom, ?) AS TEXT) = ?")
                 args += ['$."' + field.replace('"', '\\"') + '"', value]
         if under:
-            cond.append("f.path LIKE ? ESCAPE '\\'")
-            args.append(_like_prefix(under))
+            cond.append("f.path >= ? AND f.path < ?")
+            args += list(_subtree(under)[1:])
         if name is not None:
             cond.append("f.name GLOB ?")
             args.append(name)
@@ -201,6 +196,10 @@ class MetaIndex:
             return int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
 
 
-def _like_prefix(path: str) -> str:
-    escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "/%" if path else "%"
+# ``path`` itself or anything below it, as index range scans (LIKE would scan the table and ignore case).
+_SUBTREE = "(path = ? OR (path >= ? AND path < ?))"
+
+
+def _subtree(path: str) -> tuple[str, str, str]:
+    """Parameters of _SUBTREE: '/' + 1 is '0', so [path/, path0) holds exactly the paths below ``path``."""
+    return (path, path + "/", path + "0") if path else (path, "", "\U0010ffff")

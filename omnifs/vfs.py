@@ -682,7 +682,8 @@ class VFS:
         derived_paths = getattr(self.backend, "derived_paths", None)
         if derived_paths is None or not self._derived(path):
             return
-        for node in self.table.children(parent_of(path)):
+        parent = parent_of(path)
+        for node in [n for n in self._due if parent_of(n.path) == parent]:  # closed, waiting for write-back
             staged = node.staged
             if (
                 staged is not None
@@ -1363,7 +1364,7 @@ class VFS:
         if start == 0 or dh.entries is None:
             if getattr(self.backend, "lists_derived", False):
                 # Companions are rendered from what the backend has: closed files are uploaded first.
-                for node in self.table.children(dh.node.path):
+                for node in [n for n in self._due if parent_of(n.path) == dh.node.path]:
                     if node.open_count == 0:
                         await self._settle(node)
             entries = await self.remote.list(dh.node.path)
