@@ -66,9 +66,14 @@ def test_companion_edits_while_offline_are_stored_when_back(net: Remote, mounter
     )
     stored = backend_meta(net, "docs/plan.yaml", "docs/plan.meta.json")
     assert "alice" in json.dumps(stored) and "written offline" in json.dumps(stored)
+    # The mount shows what the backend holds (rendered live, never from a stale copy).
+    wait_for(
+        lambda: meta_of(comp)["description"] == "written offline",
+        timeout=15,
+        what=f"the companion to show the stored metadata (last: {meta_of(comp)})",
+    )
     final = meta_of(comp)
     assert final["tags"] == ["offline", "edited"] and final["author"] == "alice"
-    assert final["description"] == "written offline"
 
 
 def test_metadata_set_on_a_file_created_offline_follows_its_upload(net: Remote, mounter: Any) -> None:
@@ -94,4 +99,4 @@ def test_metadata_set_on_a_file_created_offline_follows_its_upload(net: Remote, 
         what="both journaled changes applied",
     )
     assert backend_bytes(net, "docs/made-offline.txt") == b"written while away"
-    assert meta_of(docs / "made-offline.meta.json")["author"] == "bob"
+    wait_for(lambda: meta_of(docs / "made-offline.meta.json")["author"] == "bob", timeout=15, what="mount shows it")
