@@ -124,6 +124,14 @@ class InodeTable:
         """The nodes currently named directly inside directory ``path`` (O(children))."""
         return list(self._by_parent.get(path, {}).values())
 
+    def subtree(self, path: str) -> list[Node]:
+        """The nodes named ``path`` or below it (a file or symlink: itself, without scanning the table)."""
+        top = self._by_path.get(path)
+        if top is not None and top.kind != "dir":
+            return [top]
+        prefix = path + "/"
+        return [n for p, n in self._by_path.items() if p == path or p.startswith(prefix)]
+
     def _name(self, node: Node) -> None:
         self._by_path[node.path] = node
         self._by_parent.setdefault(parent_of(node.path), {})[basename(node.path)] = node
@@ -185,12 +193,7 @@ class InodeTable:
         victim = self._by_path.get(new)
         if victim is not None:
             self.detach(victim)
-        top = self._by_path.get(old)
-        if top is not None and top.kind != "dir":
-            moved = [top]  # a file or symlink has nothing below it: no scan of the table
-        else:
-            prefix = old + "/"
-            moved = [n for p, n in self._by_path.items() if p == old or p.startswith(prefix)]
+        moved = self.subtree(old)
         for node in moved:
             self._unname(node.path)
         for node in moved:

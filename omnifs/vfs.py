@@ -158,6 +158,18 @@ def conflict_name(path: str, when: float | None = None) -> str:
     return join(parent, stem + suffix)
 
 
+def _record(path: str, attr: Attr, base_version: str | None) -> dict[str, Any]:
+    """The staging record naming a pending file's backend path and attributes (staging.py)."""
+    return {
+        "path": path,
+        "mode": attr.mode & 0o7777,
+        "uid": attr.uid,
+        "gid": attr.gid,
+        "mtime_ns": attr.mtime_ns,
+        "base_version": base_version,
+    }
+
+
 VALIDATE_LIMIT = 1 << 20  # bytes of a companion read for checking (documents are far smaller)
 
 
@@ -480,13 +492,9 @@ class VFS:
                 )
         return list(out.values())
 
-    def _subtree(self, path: str) -> list[Node]:
-        """The nodes at ``path`` and below it (a file: just itself, without scanning the table)."""
-        top = self.table.by_path(path)
-        if top is not None and top.kind != "dir":
-            return [top]
-        prefix = path + "/"
-        return [n for n in self.table.nodes() if n.path == path or n.path.startswith(prefix)]
+    def _queued_in(self, directory: str) -> list[Node]:
+        """Closed files in ``directory`` waiting for write-back (their upload is queued)."""
+        return [n for n in self._due if parent_of(n.path) == directory]
 
     def _touch_dir(self, path: str) -> None:
         """Mark a directory's attributes stale after a change inside it."""
@@ -501,16 +509,7 @@ class VFS:
         return SetAttrs(mode=a.mode & 0o7777, uid=a.uid, gid=a.gid, mtime_ns=a.mtime_ns)
 
     def _record_of(self, node: Node) -> dict[str, Any]:
-        a = node.attr
-        base = node.staged.base_version if node.staged is not None else None
-        return {
-            "path": node.path,
-            "mode": a.mode & 0o7777,
-            "uid": a.uid,
-            "gid": a.gid,
-            "mtime_ns": a.mtime_ns,
-            "base_version": base,
-        }
+        return _record(node.path, node.attr, node.staged.base_version if node.staged is not None else None)
 
     async def _read_version(
         self, node: Node, info: ObjectInfo, offset: int, size: int, *, served: bool = False
@@ -683,7 +682,7 @@ class VFS:
         if derived_paths is None or not self._derived(path):
             return
         parent = parent_of(path)
-        for node in [n for n in self._due if parent_of(n.path) == parent]:  # closed, waiting for write-back
+        for node in self._queued_in(parent):
             staged = node.staged
             if (
                 staged is not None
@@ -1138,7 +1137,7 @@ class VFS:
         """
         if self._direct():
             try:
-                for node in self._subtree(old):
+                for node in self.table.subtree(old):
                     await self._sync(node, defer=False)
             except OmniError as exc:
                 if not is_unavailable(exc):
@@ -1216,15 +1215,8 @@ class VFS:
         now = _now()
         info = ObjectInfo(path, "file", 0, now, mode=perms, uid=ctx.uid, gid=ctx.gid)
         attr = Attr.from_info(info, ctx.uid, ctx.gid)
-        record = {
-            "path": path,
-            "mode": attr.mode & 0o7777,
-            "uid": attr.uid,
-            "gid": attr.gid,
-            "mtime_ns": attr.mtime_ns,
-            "base_version": ABSENT,
-        }
-        staged = await self.staging.create(record)  # a crash now still leaves the (empty) file pending
+        # Created with its record: a crash now still leaves the (empty) file pending.
+        staged = await self.staging.create(_record(path, attr, ABSENT))
         staged.base_version = ABSENT  # the upload checks that nobody else created the name meanwhile
         staged.dirty = True
         node = self.table.ensure(info, attr, time.monotonic())
@@ -1364,7 +1356,7 @@ class VFS:
         if start == 0 or dh.entries is None:
             if getattr(self.backend, "lists_derived", False):
                 # Companions are rendered from what the backend has: closed files are uploaded first.
-                for node in [n for n in self._due if parent_of(n.path) == dh.node.path]:
+                for node in self._queued_in(dh.node.path):
                     if node.open_count == 0:
                         await self._settle(node)
             entries = await self.remote.list(dh.node.path)

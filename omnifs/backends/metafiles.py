@@ -373,14 +373,8 @@ class MetaBackend(Backend):
             if main_name is not None:
                 data = await self.run_sync(_read_stream, src, meta.MAX_DOCUMENT + 1)
                 return await self._write_companion(d, path, main_name, data)
-        if not self._sidecars_here(path):
-            info = await self._mut(self.inner.write, path, src, attrs)
-            await self._after_main_write(path)
-            return info
-        before = await self._dir(parent_of(path))
+        # Files that have companions go through _write_main; what is left gets none here.
         info = await self._mut(self.inner.write, path, src, attrs)
-        if basename(path) not in before.files:  # a new name may change which companion names clash
-            await self._normalise(parent_of(path), before.owners())
         await self._after_main_write(path)
         return info
 
